@@ -1,0 +1,282 @@
+"""The Llama-3.1 decoder, as plain PyTorch.
+
+    tokens -> embed_tokens -> L x [ x + attn(rms_norm(x)) ; x + mlp(rms_norm(x)) ] -> norm -> lm_head -> loss
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` without its `model.` prefix, so export is a
+rename. The three ops that decide speed on a GPU (RMSNorm, rotary, the cross-entropy over a 128k
+vocabulary) are the pure-torch functions `rms_norm_torch`, `rotary_torch` and `cross_entropy_torch`
+below; `kernels.py` holds Triton versions of them that the tests compare against these twins.
+The model knows nothing of distribution or optimizers: `train.py` and `zero.py` apply those.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: the YAML's `model.base_model` section (Fast-LLM's keys and defaults)
+
+
+@dataclass
+class NormalizationConfig:
+    type: str = "layer_norm"  # `rms_norm` for Llama (the only one built here)
+    epsilon: float = 1e-5  # added to the mean square before the reciprocal square root
+
+
+@dataclass
+class RotaryConfig:
+    scaling_type: str = "none"  # `none`, or `llama3` for Llama 3.1's long-context frequency scaling
+    scale_factor: float = 8.0  # low frequencies are divided by this
+    low_frequency_factor: float = 1.0  # wavelengths above original_context_length / this are scaled
+    high_frequency_factor: float = 4.0  # wavelengths below original_context_length / this are kept
+    original_context_length: int = 8192  # tokens the unscaled model was trained on
+
+
+@dataclass
+class TransformerConfig:
+    num_layers: int = 12  # decoder blocks
+    hidden_size: int = 1024  # model width
+    num_attention_heads: int = 8  # query heads
+    head_groups: int = 1  # key/value heads (grouped-query attention)
+    kv_channels: int | None = None  # head dimension; default hidden_size / num_attention_heads
+    ffn_hidden_size: int | None = None  # MLP width; default 4 x hidden_size
+    gated: bool = False  # SwiGLU-style gated MLP (Llama: true)
+    activation_type: str | None = None  # silu, gelu, relu, squared_relu; default silu if gated else gelu
+    add_linear_biases: bool = True  # biases on the attention and MLP projections (Llama: false)
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+    use_rotary_embeddings: bool = False  # rotary position embeddings (Llama: true)
+    rotary_embedding_scale: float = -math.log(10000)  # -ln(theta): theta = exp(-this)
+    rotary: RotaryConfig = field(default_factory=RotaryConfig)
+    init_method_std: float | None = None  # std of the weight init; default hidden_size ** -0.5
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def activation(self) -> str:
+        return self.activation_type or ("silu" if self.gated else "gelu")
+
+    @property
+    def std(self) -> float:
+        return self.init_method_std if self.init_method_std is not None else self.hidden_size**-0.5
+
+
+@dataclass
+class BaseModelConfig:
+    cross_entropy_impl: str = "auto"  # torch (full logits), fused (Triton, chunked), auto (fused on GPU)
+    tie_word_embeddings: bool = True  # share the input embedding and the output head (Llama 3.1: false)
+    use_position_embeddings: bool | None = None  # learned absolute positions; default: off when rotary is on
+    vocab_size: int = 49152  # tokens in the vocabulary
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    recompute_layers: int = 0  # (ours) blocks whose activations are recomputed in backward to save memory
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure-torch reference ops: the twins of the Triton kernels
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight, the statistics in float32, one rounding at the end."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (batch, tokens, heads, D) by the angles whose
+    cos/sin (tokens, D/2, float32) are given: the half-split convention of Hugging Face's rotate_half."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits = hidden @ weight.T (tokens x vocab, in float32) against labels;
+    labels of -100 are ignored. Holds the full logits: the fused kernel avoids exactly that."""
+    logits = (hidden @ weight.t()).float()
+    return F.cross_entropy(logits, labels, ignore_index=-100)
+
+
+def rotary_frequencies(config: TransformerConfig) -> torch.Tensor:
+    """Angular frequency of each channel pair (head_dim / 2, float64), with Llama 3.1's scaling."""
+    dim, theta = config.head_dim, math.exp(-config.rotary_embedding_scale)
+    freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    r = config.rotary
+    if r.scaling_type == "llama3":
+        # Long wavelengths are slowed down by scale_factor, short ones kept, a smooth blend between.
+        wavelength = 2 * math.pi / freqs
+        smooth = (r.original_context_length / wavelength - r.low_frequency_factor) / (
+            r.high_frequency_factor - r.low_frequency_factor
+        )
+        blended = (1 - smooth) * freqs / r.scale_factor + smooth * freqs
+        low = wavelength > r.original_context_length / r.low_frequency_factor
+        high = wavelength < r.original_context_length / r.high_frequency_factor
+        freqs = torch.where(high, freqs, torch.where(low, freqs / r.scale_factor, blended))
+    return freqs
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "squared_relu": lambda x: F.relu(x).square(),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig, dtype: torch.dtype):
+        super().__init__()
+        h, d, bias = config.hidden_size, config.head_dim, config.add_linear_biases
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.head_groups, d
+        self.q_proj = nn.Linear(h, self.heads * d, bias=bias, dtype=dtype)
+        self.k_proj = nn.Linear(h, self.kv_heads * d, bias=bias, dtype=dtype)
+        self.v_proj = nn.Linear(h, self.kv_heads * d, bias=bias, dtype=dtype)
+        self.o_proj = nn.Linear(self.heads * d, h, bias=bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = rotary(self.q_proj(x).view(b, t, self.heads, self.head_dim), cos, sin)
+        k = rotary(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        # (batch, heads, tokens, head_dim) for SDPA, which picks flash attention on a GPU;
+        # enable_gqa lets each key/value head serve heads / kv_heads query heads without copies.
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, enable_gqa=self.kv_heads != self.heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig, dtype: torch.dtype):
+        super().__init__()
+        h, f, bias = config.hidden_size, config.ffn_size, config.add_linear_biases
+        self.act = ACTIVATIONS[config.activation]
+        self.gate_proj = nn.Linear(h, f, bias=bias, dtype=dtype)
+        self.up_proj = nn.Linear(h, f, bias=bias, dtype=dtype)
+        self.down_proj = nn.Linear(f, h, bias=bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig, dtype: torch.dtype):
+        super().__init__()
+        eps = config.normalization.epsilon
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
+        self.self_attn = Attention(config, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
+        self.mlp = MLP(config, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Build on the meta device (`with torch.device("meta"): Llama(...)`), then `init_weights(device)`."""
+
+    def __init__(self, config: BaseModelConfig, max_sequence_length: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config, self.max_sequence_length = config, max_sequence_length
+        t = config.transformer
+        self.embed_tokens = nn.Embedding(config.vocab_size, t.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(Block(t, dtype) for _ in range(t.num_layers))
+        self.norm = RMSNorm(t.hidden_size, t.normalization.epsilon, dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(t.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        # Rotary tables: derived from the config, so not part of the state dict; filled in init_weights.
+        self.register_buffer("cos", torch.empty(max_sequence_length, t.head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_sequence_length, t.head_dim // 2), persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self, device: torch.device | str | None = None) -> "Llama":
+        """Materialize on `device` (if the model is on meta) and initialize every tensor:
+        norms to 1, biases to 0, the attention output and the MLP down projection from
+        N(0, std / sqrt(2 L)) (each block adds two such terms to the residual stream), every other
+        weight, the embedding and head included, from N(0, std). Draws are float32, then cast."""
+        if device is not None:
+            self.to_empty(device=device)
+        t = self.config.transformer
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                std = t.std / math.sqrt(2 * t.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else t.std
+                p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, std))
+        self.init_rotary()
+        return self
+
+    @torch.no_grad()
+    def init_rotary(self) -> None:
+        """Fill the float32 cos/sin tables (positions x head_dim/2); call after moving off meta."""
+        positions = torch.arange(self.max_sequence_length, dtype=torch.float64)
+        angles = torch.outer(positions, rotary_frequencies(self.config.transformer))
+        self.cos = angles.cos().float().to(self.cos.device)
+        self.sin = angles.sin().float().to(self.sin.device)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (batch, T) -> float32 logits (batch, T, vocab), or with labels the mean loss."""
+        t = tokens.shape[1]
+        cos, sin = self.cos[:t], self.sin[:t]
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            if i < self.config.recompute_layers and torch.is_grad_enabled():
+                # Keep only the block's input; its activations are recomputed in backward.
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        x = self.norm(x)
+        if labels is None:
+            return (x @ self.head_weight.t()).float()
+        return cross_entropy(x.flatten(0, 1), self.head_weight, labels.flatten(), self.config.cross_entropy_impl)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied head counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch: the Triton kernels on a GPU, the twins elsewhere
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return rms_norm_torch(x, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rotary_torch(x, cos, sin)
+
+
+def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str) -> torch.Tensor:
+    return cross_entropy_torch(hidden, weight, labels)
