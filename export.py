@@ -1,0 +1,343 @@
+"""Hugging Face Llama interop: write our weights as a `LlamaForCausalLM` folder, read one back.
+
+Our parameter names are Hugging Face's without the `model.` prefix (model.py), and both sides rotate
+with the half-split convention, so tensors pass through unchanged: export is a rename, a config.json
+translation and a crash-safe write; import is the reverse, with strict checks of names and shapes.
+
+    python export.py CHECKPOINT_DIR OUTPUT_DIR [--tokenizer tokenizer.json] [--max-shard-size 5GB]
+"""
+import argparse
+import dataclasses
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from model import BaseModelConfig, Llama
+
+
+class ExportError(Exception):
+    """Bad input (a config, a folder, a file): the message says what, where, and what would fit."""
+
+
+# Our activation names -> Hugging Face's `hidden_act` (model.py's gelu is the tanh approximation).
+HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu_pytorch_tanh", "relu": "relu", "squared_relu": "relu2"}
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama 3's special tokens, used when the tokenizer has them
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> model.base_model
+
+
+def hf_config(config: BaseModelConfig, max_position_embeddings: int, dtype: torch.dtype) -> dict:
+    """The config.json of `config`, with the published Llama-3.1 keys; refuses what HF Llama can't express."""
+    t, r = config.transformer, config.transformer.rotary
+    checks = [  # (key under model.base_model, value, fine?, what Llama needs)
+        ("transformer.normalization.type", t.normalization.type, t.normalization.type == "rms_norm", "rms_norm"),
+        ("transformer.gated", t.gated, t.gated, "Llama's MLP is gated"),
+        ("transformer.use_rotary_embeddings", t.use_rotary_embeddings, t.use_rotary_embeddings, "true"),
+        ("use_position_embeddings", config.use_position_embeddings, not config.use_position_embeddings, "false"),
+        ("transformer.activation_type", t.activation, t.activation in HF_ACTIVATIONS, f"one of {list(HF_ACTIVATIONS)}"),
+        ("transformer.rotary.scaling_type", r.scaling_type, r.scaling_type in ("none", "llama3"), "none or llama3"),
+        ("transformer.head_groups", t.head_groups, t.num_attention_heads % t.head_groups == 0, "must divide heads"),
+        # transformers' LlamaConfig checks this even when head_dim is given explicitly.
+        ("transformer.hidden_size", t.hidden_size, t.hidden_size % t.num_attention_heads == 0,
+         "transformers needs a multiple of num_attention_heads"),
+    ]
+    if problems := [f"model.base_model.{k} is {v!r} ({need})" for k, v, ok, need in checks if not ok]:
+        raise ExportError("Hugging Face Llama cannot express this model: " + "; ".join(problems) + ".")
+    rope_scaling = None if r.scaling_type == "none" else {
+        "rope_type": "llama3", "factor": float(r.scale_factor), "low_freq_factor": float(r.low_frequency_factor),
+        "high_freq_factor": float(r.high_frequency_factor), "original_max_position_embeddings": r.original_context_length,
+    }
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": t.hidden_size, "intermediate_size": t.ffn_size, "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.head_groups,
+        "head_dim": t.head_dim, "vocab_size": config.vocab_size, "hidden_act": HF_ACTIVATIONS[t.activation],
+        "rms_norm_eps": t.normalization.epsilon,
+        # exp(ln 500000) is 499999.99999999977 in floats; 12 digits give back the round theta.
+        "rope_theta": float(f"{math.exp(-t.rotary_embedding_scale):.12g}"), "rope_scaling": rope_scaling,
+        "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": t.add_linear_biases, "mlp_bias": t.add_linear_biases, "initializer_range": t.std,
+        "bos_token_id": None, "eos_token_id": None,  # filled in by export_llama from the tokenizer, if any
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _read_json(file: Path, what: str):
+    if not file.is_file():
+        raise ExportError(f"{file.parent}: no {file.name} in this folder ({what}).")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{file}: not valid JSON ({e}).") from None
+
+
+def base_model_dict_from_hf(path) -> dict:
+    """`model.base_model` keys (SCHEMA.md) read from a Hugging Face Llama folder's config.json,
+    written by transformers 4 (rope_theta + rope_scaling) or 5 (rope_parameters)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such folder; pretrained.path must be a Hugging Face Llama folder.")
+    file = path / "config.json"
+    hf = _read_json(file, "a Hugging Face model folder has config.json beside its weights")
+    if not isinstance(hf, dict) or hf.get("model_type") != "llama" or any(
+            a != "LlamaForCausalLM" for a in hf.get("architectures") or []):
+        kind = (hf.get("model_type"), hf.get("architectures")) if isinstance(hf, dict) else type(hf).__name__
+        raise ExportError(f"{file}: not a Llama model ({kind}); pretrained.format llama reads "
+                          "model_type llama, architectures [LlamaForCausalLM].")
+    required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+    if missing := [k for k in required if k not in hf]:
+        raise ExportError(f"{file}: missing {', '.join(missing)}.")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    activation = {v: k for k, v in HF_ACTIVATIONS.items()}.get(hf.get("hidden_act", "silu"))
+    if rope_type not in ("default", "llama3") or activation is None:
+        raise ExportError(f"{file}: rope type {rope_type!r}, hidden_act {hf.get('hidden_act')!r}; supported: "
+                          f"rope default or llama3, hidden_act one of {list(HF_ACTIVATIONS.values())}.")
+    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+        raise ExportError(f"{file}: attention_bias and mlp_bias differ; add_linear_biases sets both.")
+    heads = hf["num_attention_heads"]
+    transformer = {
+        "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"], "num_attention_heads": heads,
+        "head_groups": hf.get("num_key_value_heads") or heads,
+        "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads, "ffn_hidden_size": hf["intermediate_size"],
+        "gated": True, "activation_type": activation, "add_linear_biases": hf.get("attention_bias", False),
+        "normalization": {"type": "rms_norm", "epsilon": hf.get("rms_norm_eps", 1e-6)},  # LlamaConfig's default
+        "use_rotary_embeddings": True,
+        "rotary_embedding_scale": -math.log(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        "rotary": {"scaling_type": "none"},
+    }
+    if rope_type == "llama3":
+        keys = {"scale_factor": "factor", "low_frequency_factor": "low_freq_factor",
+                "high_frequency_factor": "high_freq_factor", "original_context_length": "original_max_position_embeddings"}
+        if missing := [v for v in keys.values() if v not in rope]:
+            raise ExportError(f"{file}: llama3 rope scaling without {', '.join(missing)}.")
+        transformer["rotary"] = {"scaling_type": "llama3", **{ours: rope[theirs] for ours, theirs in keys.items()}}
+    return {"vocab_size": hf["vocab_size"], "tie_word_embeddings": hf.get("tie_word_embeddings", False),
+            "use_position_embeddings": False, "transformer": transformer}
+
+
+def model_config_from_dict(d: dict, where: str = "model.base_model", cls=BaseModelConfig):
+    """Rebuild a (nested) config dataclass from `dataclasses.asdict` output or a partial YAML dict."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(d) - set(fields)):
+        raise ExportError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}.")
+    return cls(**{k: model_config_from_dict(v, f"{where}.{k}", fields[k].type)
+                  if dataclasses.is_dataclass(fields[k].type) else v for k, v in d.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking tensors against a config
+
+# Config keys behind each dimension of a tensor, matched by name suffix (biases use their weight's first).
+DIM_KEYS = {
+    "embed_tokens.weight": ("vocab_size", "transformer.hidden_size"),
+    "lm_head.weight": ("vocab_size", "transformer.hidden_size"),
+    "q_proj.weight": ("transformer.num_attention_heads or kv_channels", "transformer.hidden_size"),
+    "k_proj.weight": ("transformer.head_groups or kv_channels", "transformer.hidden_size"),
+    "v_proj.weight": ("transformer.head_groups or kv_channels", "transformer.hidden_size"),
+    "o_proj.weight": ("transformer.hidden_size", "transformer.num_attention_heads or kv_channels"),
+    "gate_proj.weight": ("transformer.ffn_hidden_size", "transformer.hidden_size"),
+    "up_proj.weight": ("transformer.ffn_hidden_size", "transformer.hidden_size"),
+    "down_proj.weight": ("transformer.hidden_size", "transformer.ffn_hidden_size"),
+    "norm.weight": ("transformer.hidden_size",),
+}
+
+
+def hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def expected_shapes(config: BaseModelConfig) -> dict[str, tuple]:
+    with torch.device("meta"):
+        return {n: tuple(t.shape) for n, t in Llama(config, 1).state_dict().items()}
+
+
+def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: str) -> None:
+    """Names and shapes must match exactly; the error names the config key that probably disagrees."""
+    def fail(problem, key):
+        raise ExportError(f"{where}: {problem}; the config key that probably disagrees: model.base_model.{key}.")
+    layers = lambda names: len({m[1] for n in names if (m := re.match(r"layers\.(\d+)\.", n))})  # noqa: E731
+    if layers(found) != layers(expected):
+        fail(f"the weights have {layers(found)} layers, the config {layers(expected)}", "transformer.num_layers")
+    for name in sorted(expected.keys() - found.keys()) + sorted(found.keys() - expected.keys()):
+        problem = "is missing" if name in expected else "is not part of this model"
+        key = ("tie_word_embeddings" if name.startswith("lm_head") else "transformer.add_linear_biases"
+               if name.endswith(".bias") else "(none: the weights are incomplete or not Llama's)")
+        fail(f"tensor {hf_name(name)} {problem}", key)
+    for name, shape in expected.items():
+        if found[name] != shape:
+            dim = next(i for i in range(len(shape)) if len(found[name]) != len(shape) or found[name][i] != shape[i])
+            keys = next(v for k, v in DIM_KEYS.items() if name.replace(".bias", ".weight").endswith(k))
+            fail(f"tensor {hf_name(name)} has shape {list(found[name])}, the config expects {list(shape)}", keys[dim])
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, output_dir, *,
+                 max_position_embeddings: int, tokenizer_path=None, max_shard_bytes: int = 5 * 2**30,
+                 overwrite: bool = False) -> Path:
+    """Write a folder that `LlamaForCausalLM.from_pretrained` loads, in the state dict's dtype.
+    Everything goes into a hidden sibling folder first, renamed into place only when complete."""
+    output_dir = Path(output_dir)
+    config_json = hf_config(config, max_position_embeddings, next(iter(state_dict.values())).dtype)
+    check_tensors(expected_shapes(config), {n: tuple(t.shape) for n, t in state_dict.items()},
+                  "the state dict to export")
+    if tokenizer_path is not None:
+        special = tokenizer_special_ids(Path(tokenizer_path), config.vocab_size)
+        config_json.update(bos_token_id=special.get(BOS), eos_token_id=special.get(EOS))
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{output_dir}: already exists and is not empty; remove it or export elsewhere.")
+    # Tensors in state-dict order, a new file whenever the next tensor would pass the limit.
+    shards, size = [[]], 0
+    for name, t in state_dict.items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += t.nbytes
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    tmp = output_dir.with_name(f".{output_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
+    tmp.mkdir(parents=True)
+    try:
+        for file, names in zip(files, shards):  # one shard at a time on the CPU
+            save_file({hf_name(n): state_dict[n].detach().cpu().contiguous() for n in names}, tmp / file,
+                      metadata={"format": "pt"})
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in state_dict.values())},
+                     "weight_map": {hf_name(n): f for f, names in zip(files, shards) for n in names}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
+        generation = {"bos_token_id": config_json["bos_token_id"], "eos_token_id": config_json["eos_token_id"]}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+            tokenizer_config = {
+                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_position_embeddings,
+                "bos_token": BOS if BOS in special else None, "eos_token": EOS if EOS in special else None,
+                "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: generate() rejects them
+                "clean_up_tokenization_spaces": False,
+            }
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        if output_dir.exists():  # empty, or overwrite: move it aside, then swap
+            old = output_dir.with_name(f".{output_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            output_dir.rename(old)
+            tmp.rename(output_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def tokenizer_special_ids(path: Path, vocab_size: int) -> dict[str, int]:
+    """Ids of Llama 3's bos/eos tokens in a tokenizer.json, checking that every id fits the model."""
+    tokenizer = _read_json(path, "the tokenizer to export")
+    vocab = (tokenizer.get("model") or {}).get("vocab") or {}
+    ids = {tok[0]: i for i, tok in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)  # Unigram: a list
+    ids.update({t["content"]: t["id"] for t in tokenizer.get("added_tokens") or []})
+    if ids and max(ids.values()) >= vocab_size:
+        raise ExportError(f"{path}: token ids go up to {max(ids.values())} but model.base_model.vocab_size is "
+                          f"{vocab_size}; the model could not embed them.")
+    return {tok: ids[tok] for tok in (BOS, EOS) if tok in ids}
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+
+
+def load_llama_weights(model: Llama, path) -> None:
+    """Copy a Hugging Face Llama folder's weights into a materialized `model`, strictly: same tensor
+    names and shapes (else ExportError, the model untouched), converted to the model's dtype."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({path / f for f in _read_json(index, "the shard index")["weight_map"].values()})
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise ExportError(f"{path}: no weights (model.safetensors or model.safetensors.index.json); "
+                          "only safetensors are read, and pretrained.model_weights: false takes the config only.")
+    found = {}  # our name -> (file, its name in the file, shape)
+    for file in files:
+        if not file.is_file():
+            raise ExportError(f"{index}: names shard {file.name}, which is not in the folder.")
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                if not name.endswith("rotary_emb.inv_freq"):  # a derived buffer that old exports carried
+                    found[name.removeprefix("model.")] = (file, name, tuple(f.get_slice(name).get_shape()))
+    params = model.state_dict()  # tensors sharing storage with the parameters
+    if any(p.is_meta for p in params.values()):
+        raise ExportError("load_llama_weights needs a materialized model: call init_weights(device) first.")
+    check_tensors({n: tuple(p.shape) for n, p in params.items()}, {n: v[2] for n, v in found.items()},
+                  f"{path} (weights vs model config)")
+    with torch.no_grad():
+        for file in files:
+            with safe_open(file, "pt") as f:
+                for name, (in_file, key, _) in found.items():
+                    if in_file == file:
+                        params[name].copy_(f.get_tensor(key))  # converts dtype and device
+    model.init_rotary()  # in case the model was only `to_empty`-ed
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: export a training checkpoint
+
+
+def export_checkpoint(checkpoint, output_dir, **kwargs) -> Path:
+    checkpoint = Path(checkpoint)
+    need = ["model_config.json", "trainer.json", "model.safetensors"]
+    if not checkpoint.is_dir() or (missing := [n for n in need if not (checkpoint / n).is_file()]):
+        raise ExportError(f"{checkpoint}: not a checkpoint folder (one holds {', '.join(need)}, as train.py "
+                          f"writes into EXPERIMENT_DIR/checkpoints/STEP/)"
+                          + (f"; missing {', '.join(missing)}." if checkpoint.is_dir() else "; no such folder."))
+    config = model_config_from_dict(_read_json(checkpoint / "model_config.json", "the model config"))
+    trainer = _read_json(checkpoint / "trainer.json", "the trainer state")
+    if "sequence_length" not in trainer:
+        raise ExportError(f"{checkpoint / 'trainer.json'}: no sequence_length.")
+    return export_llama(load_file(checkpoint / "model.safetensors"), config, output_dir,
+                        max_position_embeddings=trainer["sequence_length"], **kwargs)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (10^9) or '5GiB' (2^30) or plain bytes, as transformers' max_shard_size."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", text.strip())
+    if not m or m[2].upper() not in units:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MiB or 1000000")
+    return int(float(m[1]) * units[m[2].upper()])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Export a training checkpoint as a Hugging Face Llama folder.")
+    p.add_argument("checkpoint", help="a checkpoint folder, EXPERIMENT_DIR/checkpoints/STEP")
+    p.add_argument("output", help="the folder to write (must not exist, or be empty)")
+    p.add_argument("--tokenizer", help="a tokenizer.json to include")
+    p.add_argument("--max-shard-size", type=parse_size, default=5 * 2**30, help="per safetensors file (5GiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.output, tokenizer_path=args.tokenizer,
+                                max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+    except ExportError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {args.checkpoint} to {out}")
+
+
+if __name__ == "__main__":
+    main()
