@@ -267,16 +267,35 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Dispatch: the Triton kernels on a GPU, the twins elsewhere
+# Dispatch: the Triton kernels on CUDA tensors, the twins elsewhere
+
+import os  # noqa: E402  (here, beside the one switch that uses it)
+
+import kernels  # noqa: E402
+
+# LLAMA_KERNELS=0 forces the twins everywhere, to tell a kernel bug from a model bug. Read once.
+USE_KERNELS = os.environ.get("LLAMA_KERNELS", "1") != "0"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if USE_KERNELS and x.is_cuda:
+        return kernels.rms_norm(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if USE_KERNELS and x.is_cuda:
+        return kernels.rotary(x, cos, sin)
     return rotary_torch(x, cos, sin)
 
 
 def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str) -> torch.Tensor:
+    """impl: `torch` the twin (full float32 logits), `fused` the chunked kernel, `auto` fused on a GPU."""
+    if impl not in ("auto", "fused", "torch"):
+        raise ValueError(f"model.base_model.cross_entropy_impl: {impl!r}; expected auto, fused or torch")
+    # `fused` on a CPU tensor: compiled Triton needs a GPU, so the kernel runs only under Triton's
+    # interpreter (TRITON_INTERPRET=1 before import, as the tests do); otherwise the twin.
+    fused = hidden.is_cuda if impl == "auto" else impl == "fused" and (hidden.is_cuda or kernels.INTERPRETED)
+    if USE_KERNELS and fused:
+        return kernels.cross_entropy(hidden, weight, labels)
     return cross_entropy_torch(hidden, weight, labels)

@@ -1,0 +1,288 @@
+"""Triton kernels for the three ops that decide speed and memory on a GPU.
+
+Each op is a Triton kernel, the launcher that calls it and a `torch.autograd.Function`; its
+pure-torch twin lives in `model.py` (`rms_norm_torch`, `rotary_torch`, `cross_entropy_torch`) and
+`tests/test_kernels.py` checks the two against each other, forward and gradients. `model.py`
+decides where the kernels run (CUDA tensors; the twins elsewhere).
+
+Without a GPU the kernels run under Triton's interpreter if TRITON_INTERPRET=1 is set before this
+module is imported (the tests do so). Conventions in every kernel:
+  - operands are loaded, converted to float32, computed on, and rounded once on store (this also
+    sidesteps the interpreter, which gets bf16 arithmetic wrong);
+  - a row's offset is row * row_length in int64: rows x row length can pass 2^31.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the kernels were defined for the CPU interpreter
+IGNORE_INDEX = -100  # labels equal to this add nothing to the loss (F.cross_entropy's default)
+
+if INTERPRETED:
+    # Triton 3.6's interpreter holds a scalar as a 1-element array and calls int() on it when the
+    # scalar bounds a loop (`range(0, V, BLOCK)`); NumPy >= 2.4 refuses int() of a 1-d array.
+    # Take the one element instead. No effect on compiled kernels.
+    import triton.runtime.interpreter as _interpreter
+
+    def _patch_lang_tensor(tensor, scope, _patch=_interpreter._patch_lang_tensor):
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+def _num_warps(block: int) -> int:
+    """Warps for a program that handles `block` elements at once: about 16 elements per thread."""
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs for a grid that loops over rows: a few per multiprocessor fill the GPU."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 3  # the interpreter runs programs one after another; 3 still tests the row loop
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm: y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps), over the last dimension H
+
+
+@triton.jit
+def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, BLOCK: tl.constexpr):
+    """One program per row. rstd (float32) is stored for the backward."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)  # float32
+    tl.store(rstd_ptr + row, rstd)
+    tl.store(y_ptr + row * H + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, N, H, ROWS, BLOCK: tl.constexpr):
+    """Program p takes rows p * ROWS ... (p + 1) * ROWS - 1. With xh = x * rstd, g = dy * w (float32):
+        dx = rstd * (g - xh * mean(g * xh))            (d/dx of x * rstd, rstd depending on x)
+        dw[p, :] = sum over its rows of dy * xh        (float32 partial sums; the launcher adds
+                                                        them up: no atomics, deterministic)"""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, ROWS):
+        row = pid.to(tl.int64) * ROWS + i
+        mask = (cols < H) & (row < N)
+        x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row, mask=row < N, other=0.0)
+        xh = x * rstd
+        g = dy * w
+        dx = rstd * (g - xh * (tl.sum(g * xh, axis=0) / H))
+        tl.store(dx_ptr + row * H + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += dy * xh
+    tl.store(dw_ptr + pid.to(tl.int64) * H + cols, dw, mask=cols < H)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        shape, H = x.shape, x.shape[-1]
+        x = x.reshape(-1, H).contiguous()
+        y = torch.empty_like(x)
+        rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(H)
+        _rms_norm_forward_kernel[(x.shape[0],)](x, weight, y, rstd, H, eps, BLOCK=block, num_warps=_num_warps(block))
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.shape = shape
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        dy = dy.reshape(x.shape).contiguous()
+        dx = torch.empty_like(x)
+        rows = triton.cdiv(x.shape[0], _persistent_programs(x.device))  # per program
+        programs = triton.cdiv(x.shape[0], rows)
+        dw = torch.empty(programs, x.shape[1], dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(x.shape[1])
+        _rms_norm_backward_kernel[(programs,)](
+            dy, x, weight, rstd, dx, dw, x.shape[0], x.shape[1], rows, BLOCK=block, num_warps=_num_warps(block)
+        )
+        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of x (any leading shape); the twin is `model.rms_norm_torch`."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary: rotate the channel pairs (x[i], x[i + D/2]) of each head by the token's angles
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr, cos_ptr, sin_ptr, y_ptr, T, HEADS, D, stride_b, stride_t, stride_h,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    """One program per (batch, token), all heads at once; x (batch, T, HEADS, D) with any strides
+    but the last (1), y contiguous, cos/sin (T, D/2) float32. For the pair (x1, x2) at angle a:
+        forward:   y1 = x1 cos a - x2 sin a,   y2 = x2 cos a + x1 sin a
+        backward:  the transposed rotation, i.e. by -a: the same with sin a -> -sin a."""
+    row = tl.program_id(0).to(tl.int64)  # b * T + t
+    b, t = row // T, row % T
+    half = D // 2
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cos_ptr + t * half + i, mask=i < half, other=0.0)
+    sin = tl.load(sin_ptr + t * half + i, mask=i < half, other=0.0)
+    if BACKWARD:
+        sin = -sin
+    mask = (heads < HEADS) & (i < half)
+    x_offs = b * stride_b + t * stride_t + heads * stride_h + i
+    x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_offs + half, mask=mask, other=0.0).to(tl.float32)
+    y_offs = row * HEADS * D + heads * D + i
+    tl.store(y_ptr + y_offs, (x1 * cos - x2 * sin).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_offs + half, (x2 * cos + x1 * sin).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    B, T, H, D = x.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block_h, block_half = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
+    _rotary_kernel[(B * T,)](
+        x, cos.contiguous(), sin.contiguous(), y, T, H, D, x.stride(0), x.stride(1), x.stride(2),
+        BLOCK_H=block_h, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=_num_warps(block_h * block_half),
+    )
+    return y
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(dy, cos, sin, backward=True), None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (batch, tokens, heads, head_dim) rotated by cos/sin (tokens, head_dim/2, float32), the
+    half-split convention of Hugging Face's rotate_half; the twin is `model.rotary_torch`."""
+    return RotaryFunction.apply(x, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused linear cross-entropy: loss = mean over labelled tokens n of lse(z_n) - z_n[label_n],
+# z = hidden @ weight.T, without ever holding all N x V logits
+#
+# The tokens go in chunks of C. For each chunk, three matrix products (cuBLAS, in the input dtype)
+# and one Triton kernel:
+#     z = h_c @ W.T                        (C x V, input dtype: the only large buffer, reused)
+#     kernel: per row, lse (float32), the row's loss (float32), and in place of z
+#             dz = (softmax(z) - onehot(label)) / n_labelled       (0 for ignored rows)
+#     grad_h[c] = dz @ W                   (written straight into the output)
+#     grad_W   += dz.T @ h_c               (accumulated in the weight's dtype)
+# The gradients are thus finished in the forward pass; the backward only scales them by the
+# incoming gradient. Accumulating grad_W in bf16 rounds it once per chunk instead of once (as in
+# eager); BENCHMARKS.md measures that error, and a float32 accumulator would cost 4 bytes x V x H
+# (2.1 GB at Llama-3.1-8B's 128,256 x 4096), twice the memory this op is allowed.
+
+LOGITS_CHUNK_BYTES = 512 * 2**20  # the C x V logits buffer: 2048 tokens at V = 128,256 in bf16
+
+
+@triton.jit
+def _cross_entropy_kernel(z_ptr, labels_ptr, loss_ptr, scale_ptr, V, BLOCK: tl.constexpr):
+    """One program per row z (V logits). In float32:
+        lse  = log sum_j exp(z_j), by an online pass over blocks: m = running max,
+               s = sum exp(z_j - m), rescaled by exp(m_old - m) when the max grows
+        loss = lse - z[label]     (0 if label == IGNORE_INDEX)
+        dz_j = (exp(z_j - lse) - [j == label]) * scale, scale = 1 / n_labelled (0 if ignored),
+               written over z in its dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * V
+    label = tl.load(labels_ptr + row)
+    m = -float("inf")
+    s = 0.0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(z_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    ignored = label == -100  # IGNORE_INDEX
+    z_label = tl.load(z_row + label, mask=label != -100, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_label))
+    scale = tl.where(ignored, 0.0, tl.load(scale_ptr))
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+        dz = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
+        tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _fused_cross_entropy(hidden, weight, labels, need_grad_h: bool, need_grad_w: bool, chunk_tokens: int | None):
+    """(loss, grad_hidden or None, grad_weight or None); the loss is float32, nan if no label counts."""
+    (N, H), V = hidden.shape, weight.shape[0]
+    C = min(N, chunk_tokens or max(1, LOGITS_CHUNK_BYTES // (V * hidden.element_size())))
+    n_labelled = (labels != IGNORE_INDEX).sum()
+    scale = 1.0 / n_labelled.float()  # a device tensor: no host synchronization
+    losses = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    z_buffer = torch.empty(C, V, dtype=hidden.dtype, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_grad_h else None
+    grad_w = torch.empty_like(weight) if need_grad_w else None
+    block = min(4096, triton.next_power_of_2(V))
+    for start in range(0, N, C):
+        end = min(start + C, N)
+        h, z = hidden[start:end], z_buffer[: end - start]
+        torch.matmul(h, weight.t(), out=z)
+        _cross_entropy_kernel[(end - start,)](
+            z, labels[start:end], losses[start:end], scale, V, BLOCK=block, num_warps=_num_warps(block)
+        )
+        if need_grad_h:
+            torch.matmul(z, weight, out=grad_h[start:end])
+        if need_grad_w and start == 0:
+            torch.matmul(z.t(), h, out=grad_w)  # the first chunk writes, saving a pass of zeros
+        elif need_grad_w:
+            grad_w.addmm_(z.t(), h)
+    return losses.sum() * scale, grad_h, grad_w
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, ctx.grad_h, ctx.grad_w = _fused_cross_entropy(hidden, weight, labels, need_h, need_w, chunk_tokens)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        # Scaled in place (grad_loss is a 0-dim device tensor: no synchronization); the gradients
+        # are then handed over, so a second backward through this graph is not supported.
+        grad_h, grad_w, ctx.grad_h, ctx.grad_w = ctx.grad_h, ctx.grad_w, None, None
+        if grad_h is not None:
+            grad_h.mul_(grad_loss)
+        if grad_w is not None:
+            grad_w.mul_(grad_loss)
+        return grad_h, grad_w, None, None
+
+
+def cross_entropy(hidden, weight, labels, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of hidden (N, H) @ weight (V, H).T against labels (N,), IGNORE_INDEX
+    skipped; float32; nan when every label is ignored, as F.cross_entropy. Peak extra memory: one
+    chunk of logits (LOGITS_CHUNK_BYTES, or chunk_tokens x V) besides the two gradients. The twin
+    is `model.cross_entropy_torch`."""
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        return _fused_cross_entropy(hidden, weight, labels, False, False, chunk_tokens)[0]  # the loss alone
+    return FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens)
