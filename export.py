@@ -163,14 +163,15 @@ def expected_shapes(config: BaseModelConfig) -> dict[str, tuple]:
 def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: str) -> None:
     """Names and shapes must match exactly; the error names the config key that probably disagrees."""
     def fail(problem, key):
-        raise ExportError(f"{where}: {problem}; the config key that probably disagrees: model.base_model.{key}.")
+        hint = f"the config key that probably disagrees: model.base_model.{key}" if key else "is the file complete?"
+        raise ExportError(f"{where}: {problem}; {hint}.")
     layers = lambda names: len({m[1] for n in names if (m := re.match(r"layers\.(\d+)\.", n))})  # noqa: E731
     if layers(found) != layers(expected):
         fail(f"the weights have {layers(found)} layers, the config {layers(expected)}", "transformer.num_layers")
     for name in sorted(expected.keys() - found.keys()) + sorted(found.keys() - expected.keys()):
         problem = "is missing" if name in expected else "is not part of this model"
-        key = ("tie_word_embeddings" if name.startswith("lm_head") else "transformer.add_linear_biases"
-               if name.endswith(".bias") else "(none: the weights are incomplete or not Llama's)")
+        key = ("tie_word_embeddings" if name.startswith("lm_head") else
+               "transformer.add_linear_biases" if name.endswith(".bias") else None)
         fail(f"tensor {hf_name(name)} {problem}", key)
     for name, shape in expected.items():
         if found[name] != shape:
