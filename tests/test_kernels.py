@@ -1,0 +1,225 @@
+"""The Triton kernels against their pure-torch twins in model.py, forward and every gradient.
+
+The reference is the twin run on float64 copies of the inputs (the RMSNorm and rotary twins
+compute in float32 internally, which is still far below the tolerances of the lower dtypes).
+Errors are norm-relative: |out - ref| / |ref|. On the CPU the kernels run under Triton's
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so the shapes are tiny and odd; the tests
+marked `gpu` run the same checks in bf16 at sizes the model uses.
+"""
+import math
+
+import pytest
+import torch
+
+import kernels
+import model
+
+# Norm-relative error allowed for each dtype: a few units of its rounding (2^-24, 2^-11, 2^-8).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+CPU_DTYPES = [torch.float32, torch.float16]
+GPU = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).detach().requires_grad_()
+
+
+def check(outs, refs, dtype):
+    for name, out, ref in zip(("output", "grad 1", "grad 2"), outs, refs):
+        assert torch.isfinite(out).all(), name
+        err = rel_error(out, ref)
+        assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+def run_rms_norm(shape, dtype, device):
+    x = torch.randn(shape, device=device)
+    w = 1 + 0.2 * torch.randn(shape[-1], device=device)
+    dy = torch.randn(shape, device=device)
+    outs, refs = [], []
+    for fn, dt, into in ((kernels.rms_norm, dtype, outs), (model.rms_norm_torch, torch.float64, refs)):
+        xl, wl = leaf(x, dt), leaf(w, dt)
+        y = fn(xl, wl, 1e-5)
+        y.backward(dy.to(dt))
+        into += [y, xl.grad, wl.grad]
+    check(outs, refs, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", [(5, 123), (2, 3, 64), (1, 1000)])
+def test_rms_norm(shape, dtype):
+    run_rms_norm(shape, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 2048, 4096), (3000, 1000), (7, 8192)])
+def test_rms_norm_gpu(shape, dtype):
+    run_rms_norm(shape, dtype, "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary
+
+
+def run_rotary(batch, tokens, heads, head_dim, dtype, device, transposed=False):
+    # transposed: x is a (batch, heads, tokens, D) tensor seen as (batch, tokens, heads, D)
+    x = torch.randn(batch, tokens, heads, head_dim, device=device)
+    angles = torch.rand(tokens, head_dim // 2, device=device, dtype=torch.float64) * 100
+    cos, sin = angles.cos(), angles.sin()
+    dy = torch.randn_like(x)
+    outs, refs = [], []
+    for fn, dt, into in ((kernels.rotary, dtype, outs), (model.rotary_torch, torch.float64, refs)):
+        table_dtype = torch.float64 if dt == torch.float64 else torch.float32
+        xl = leaf(x.transpose(1, 2).contiguous() if transposed else x, dt)
+        y = fn(xl.transpose(1, 2) if transposed else xl, cos.to(table_dtype), sin.to(table_dtype))
+        y.backward(dy.to(dt))
+        into += [y, xl.grad.transpose(1, 2) if transposed else xl.grad]
+    check(outs, refs, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("heads,head_dim", [(3, 16), (1, 16), (2, 32), (5, 6)])
+def test_rotary(heads, head_dim, dtype):
+    run_rotary(2, 7, heads, head_dim, dtype, "cpu")
+
+
+def test_rotary_strided_input():
+    run_rotary(2, 7, 3, 16, torch.float32, "cpu", transposed=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,head_dim", [(32, 128), (8, 128), (12, 64)])
+def test_rotary_gpu(heads, head_dim, dtype):
+    run_rotary(2, 1024, heads, head_dim, dtype, "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused linear cross-entropy
+
+
+def run_cross_entropy(n, hidden, vocab, dtype, device, chunk_tokens=None, ignore=0.25):
+    h = torch.randn(n, hidden, device=device)
+    w = torch.randn(vocab, hidden, device=device) * 2 / math.sqrt(hidden)  # logits of std ~2
+    labels = torch.randint(0, vocab, (n,), device=device)
+    labels[torch.rand(n, device=device) < ignore] = kernels.IGNORE_INDEX
+    outs, refs = [], []
+    fused = lambda hl, wl, y: kernels.cross_entropy(hl, wl, y, chunk_tokens)  # noqa: E731
+    for fn, dt, into in ((fused, dtype, outs), (model.cross_entropy_torch, torch.float64, refs)):
+        hl, wl = leaf(h, dt), leaf(w, dt)
+        loss = fn(hl, wl, labels)
+        assert loss.dtype == torch.float32
+        (3 * loss).backward()  # a gradient other than 1 checks the scaling in backward
+        into += [loss, hl.grad, wl.grad]
+    check(outs, refs, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("n,vocab,chunk", [(5, 123, None), (37, 257, 16), (19, 4219, 8)])
+def test_cross_entropy(n, vocab, chunk, dtype):
+    run_cross_entropy(n, 48, vocab, dtype, "cpu", chunk)
+
+
+def test_cross_entropy_all_ignored():
+    """No label counts: the loss is nan (0 / 0), as F.cross_entropy's, and the gradients are 0."""
+    h, w = torch.randn(6, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    loss = kernels.cross_entropy(h, w, torch.full((6,), kernels.IGNORE_INDEX))
+    loss.backward()
+    assert loss.isnan() and model.cross_entropy_torch(h, w, torch.full((6,), -100)).isnan()
+    assert (h.grad == 0).all() and (w.grad == 0).all()
+
+
+def test_cross_entropy_without_grad():
+    h, w, labels = torch.randn(9, 16), torch.randn(50, 16), torch.randint(0, 50, (9,))
+    with torch.no_grad():
+        loss = kernels.cross_entropy(h, w, labels)
+    assert loss.grad_fn is None
+    assert rel_error(loss, model.cross_entropy_torch(h.double(), w.double(), labels)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,hidden,vocab,chunk", [(4096, 1024, 32000, 512), (1000, 512, 50257, None)])
+def test_cross_entropy_gpu(n, hidden, vocab, chunk, dtype):
+    run_cross_entropy(n, hidden, vocab, dtype, "cuda", chunk)
+
+
+def peak_extra_bytes(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.gpu
+def test_cross_entropy_memory_gpu():
+    """At 8192 tokens x 2048 x 65,536 in bf16 the eager loss holds several N x V float32 buffers
+    (about 2 GB each); the fused one a 512 MB chunk of logits beside the two gradients."""
+    n, hidden, vocab = 8192, 2048, 65536
+    h = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device="cuda") / math.sqrt(hidden)).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (n,), device="cuda")
+    grads = h.numel() * 2 + w.numel() * 2
+
+    def step(fn):
+        h.grad = w.grad = None
+        fn(h, w, labels).backward()
+
+    fused = peak_extra_bytes(lambda: step(kernels.cross_entropy)) - grads
+    eager = peak_extra_bytes(lambda: step(model.cross_entropy_torch)) - grads
+    assert fused <= kernels.LOGITS_CHUNK_BYTES + 2**20, fused
+    assert fused * 8 < eager, (fused, eager)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model with kernels on and off
+
+
+def tiny_losses(device, dtype, impl, steps=3):
+    config = model.BaseModelConfig(
+        cross_entropy_impl=impl, tie_word_embeddings=False, vocab_size=257,
+        transformer=model.TransformerConfig(
+            num_layers=2, hidden_size=64, num_attention_heads=4, head_groups=2, gated=True,
+            add_linear_biases=False, use_rotary_embeddings=True,
+            normalization=model.NormalizationConfig(type="rms_norm"),
+        ),
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        net = model.Llama(config, max_sequence_length=16, dtype=dtype)
+    net.init_weights(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        tokens = torch.randint(0, 257, (2, 17), generator=gen).to(device)
+        loss = net(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_model_fused_cross_entropy_cpu():
+    """Under the interpreter `fused` runs the kernel on the CPU: same losses as `torch`, in float32."""
+    fused, eager = tiny_losses("cpu", torch.float32, "fused"), tiny_losses("cpu", torch.float32, "torch")
+    assert fused == pytest.approx(eager, rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_model_kernels_on_off_gpu(monkeypatch):
+    on = tiny_losses("cuda", torch.bfloat16, "auto")
+    monkeypatch.setattr(model, "USE_KERNELS", False)
+    off = tiny_losses("cuda", torch.bfloat16, "auto")
+    assert on == pytest.approx(off, rel=2e-2)
