@@ -231,6 +231,13 @@ def _cross_entropy_kernel(z_ptr, labels_ptr, loss_ptr, scale_ptr, V, BLOCK: tl.c
         tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
 
 
+def _cross_entropy_rows(z, labels, losses, scale, block=4096, num_warps=None):
+    """Per row of z (rows, V): its loss into `losses`, and z overwritten by its gradient."""
+    block = min(block, triton.next_power_of_2(z.shape[1]))
+    num_warps = num_warps or _num_warps(block)
+    _cross_entropy_kernel[(z.shape[0],)](z, labels, losses, scale, z.shape[1], BLOCK=block, num_warps=num_warps)
+
+
 def _fused_cross_entropy(hidden, weight, labels, need_grad_h: bool, need_grad_w: bool, chunk_tokens: int | None):
     """(loss, grad_hidden or None, grad_weight or None); the loss is float32, nan if no label counts."""
     (N, H), V = hidden.shape, weight.shape[0]
@@ -241,14 +248,11 @@ def _fused_cross_entropy(hidden, weight, labels, need_grad_h: bool, need_grad_w:
     z_buffer = torch.empty(C, V, dtype=hidden.dtype, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_grad_h else None
     grad_w = torch.empty_like(weight) if need_grad_w else None
-    block = min(4096, triton.next_power_of_2(V))
     for start in range(0, N, C):
         end = min(start + C, N)
         h, z = hidden[start:end], z_buffer[: end - start]
         torch.matmul(h, weight.t(), out=z)
-        _cross_entropy_kernel[(end - start,)](
-            z, labels[start:end], losses[start:end], scale, V, BLOCK=block, num_warps=_num_warps(block)
-        )
+        _cross_entropy_rows(z, labels[start:end], losses[start:end], scale)
         if need_grad_h:
             torch.matmul(z, weight, out=grad_h[start:end])
         if need_grad_w and start == 0:
