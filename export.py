@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from model import BaseModelConfig, Llama
@@ -126,6 +126,8 @@ def base_model_dict_from_hf(path) -> dict:
 
 def model_config_from_dict(d: dict, where: str = "model.base_model", cls=BaseModelConfig):
     """Rebuild a (nested) config dataclass from `dataclasses.asdict` output or a partial YAML dict."""
+    if not isinstance(d, dict):
+        raise ExportError(f"{where}: expected a mapping of {cls.__name__} keys, got {d!r}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if unknown := sorted(set(d) - set(fields)):
         raise ExportError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}.")
@@ -136,19 +138,11 @@ def model_config_from_dict(d: dict, where: str = "model.base_model", cls=BaseMod
 # ---------------------------------------------------------------------------------------------
 # Checking tensors against a config
 
-# Config keys behind each dimension of a tensor, matched by name suffix (biases use their weight's first).
-DIM_KEYS = {
-    "embed_tokens.weight": ("vocab_size", "transformer.hidden_size"),
-    "lm_head.weight": ("vocab_size", "transformer.hidden_size"),
-    "q_proj.weight": ("transformer.num_attention_heads or kv_channels", "transformer.hidden_size"),
-    "k_proj.weight": ("transformer.head_groups or kv_channels", "transformer.hidden_size"),
-    "v_proj.weight": ("transformer.head_groups or kv_channels", "transformer.hidden_size"),
-    "o_proj.weight": ("transformer.hidden_size", "transformer.num_attention_heads or kv_channels"),
-    "gate_proj.weight": ("transformer.ffn_hidden_size", "transformer.hidden_size"),
-    "up_proj.weight": ("transformer.ffn_hidden_size", "transformer.hidden_size"),
-    "down_proj.weight": ("transformer.hidden_size", "transformer.ffn_hidden_size"),
-    "norm.weight": ("transformer.hidden_size",),
-}
+# The config keys behind each dimension of a tensor, by module name (a bias shares its weight's first).
+H, F, Q, KV = ("transformer.hidden_size", "transformer.ffn_hidden_size",
+               "transformer.num_attention_heads or kv_channels", "transformer.head_groups or kv_channels")
+DIM_KEYS = {"embed_tokens": ("vocab_size", H), "lm_head": ("vocab_size", H), "q_proj": (Q, H), "k_proj": (KV, H),
+            "v_proj": (KV, H), "o_proj": (H, Q), "gate_proj": (F, H), "up_proj": (F, H), "down_proj": (H, F), "norm": (H,)}
 
 
 def hf_name(name: str) -> str:
@@ -176,7 +170,7 @@ def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: st
     for name, shape in expected.items():
         if found[name] != shape:
             dim = next(i for i in range(len(shape)) if len(found[name]) != len(shape) or found[name][i] != shape[i])
-            keys = next(v for k, v in DIM_KEYS.items() if name.replace(".bias", ".weight").endswith(k))
+            keys = next(v for k, v in DIM_KEYS.items() if name.split(".")[-2].endswith(k))
             fail(f"tensor {hf_name(name)} has shape {list(found[name])}, the config expects {list(shape)}", keys[dim])
 
 
@@ -189,7 +183,7 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
                  overwrite: bool = False) -> Path:
     """Write a folder that `LlamaForCausalLM.from_pretrained` loads, in the state dict's dtype.
     Everything goes into a hidden sibling folder first, renamed into place only when complete."""
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()  # resolved: "." has no name to put a sibling beside
     config_json = hf_config(config, max_position_embeddings, next(iter(state_dict.values())).dtype)
     check_tensors(expected_shapes(config), {n: tuple(t.shape) for n, t in state_dict.items()},
                   "the state dict to export")
@@ -231,14 +225,9 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
                 "clean_up_tokenization_spaces": False,
             }
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-        if output_dir.exists():  # empty, or overwrite: move it aside, then swap
-            old = output_dir.with_name(f".{output_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            output_dir.rename(old)
-            tmp.rename(output_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(output_dir)
+        if output_dir.exists():  # empty, or overwrite was asked for
+            shutil.rmtree(output_dir)
+        tmp.rename(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -277,10 +266,13 @@ def load_llama_weights(model: Llama, path) -> None:
     for file in files:
         if not file.is_file():
             raise ExportError(f"{index}: names shard {file.name}, which is not in the folder.")
-        with safe_open(file, "pt") as f:
-            for name in f.keys():
-                if not name.endswith("rotary_emb.inv_freq"):  # a derived buffer that old exports carried
-                    found[name.removeprefix("model.")] = (file, name, tuple(f.get_slice(name).get_shape()))
+        try:
+            with safe_open(file, "pt") as f:
+                for name in f.keys():
+                    if not name.endswith("rotary_emb.inv_freq"):  # a derived buffer that old exports carried
+                        found[name.removeprefix("model.")] = (file, name, tuple(f.get_slice(name).get_shape()))
+        except SafetensorError as e:
+            raise ExportError(f"{file}: not a readable safetensors file ({e}).") from None
     params = model.state_dict()  # tensors sharing storage with the parameters
     if any(p.is_meta for p in params.values()):
         raise ExportError("load_llama_weights needs a materialized model: call init_weights(device) first.")
@@ -310,8 +302,11 @@ def export_checkpoint(checkpoint, output_dir, **kwargs) -> Path:
     trainer = _read_json(checkpoint / "trainer.json", "the trainer state")
     if "sequence_length" not in trainer:
         raise ExportError(f"{checkpoint / 'trainer.json'}: no sequence_length.")
-    return export_llama(load_file(checkpoint / "model.safetensors"), config, output_dir,
-                        max_position_embeddings=trainer["sequence_length"], **kwargs)
+    try:
+        state_dict = load_file(checkpoint / "model.safetensors")
+    except SafetensorError as e:
+        raise ExportError(f"{checkpoint / 'model.safetensors'}: not a readable safetensors file ({e}).") from None
+    return export_llama(state_dict, config, output_dir, max_position_embeddings=trainer["sequence_length"], **kwargs)
 
 
 def parse_size(text: str) -> int:

@@ -91,9 +91,10 @@ def files_in(path: Path) -> set[str]:
 # Export -> transformers
 
 
-@pytest.mark.parametrize("case", ["untied", "tied", "sharded", "biases_gelu_hd16"])
+@pytest.mark.parametrize("case", ["untied", "tied", "sharded", "biases_gelu_hd16", "squared_relu"])
 def test_export_loads_in_transformers_with_same_logits(tmp_path, case):
-    config = tiny_config(tied=case == "tied", biases="biases" in case, activation="gelu" if "gelu" in case else "silu",
+    activation = {"biases_gelu_hd16": "gelu", "squared_relu": "squared_relu"}.get(case, "silu")
+    config = tiny_config(tied=case == "tied", biases="biases" in case, activation=activation,
                          head_dim=16 if "hd16" in case else 32)
     model = our_model(config)
     shard = 20_000 if case == "sharded" else 5 * 2**30
@@ -107,6 +108,8 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, case):
     assert written["rope_scaling"]["original_max_position_embeddings"] == 32 and written["rope_theta"] == 500000.0
     assert written["tie_word_embeddings"] == (case == "tied") and written["torch_dtype"] == "float32"
     assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == (case == "tied")
+    # Reading the config.json back gives the model we started from.
+    assert model_config_from_dict(base_model_dict_from_hf(out)) == dataclasses.replace(config, use_position_embeddings=False)
     if case == "sharded":
         index = json.loads((out / "model.safetensors.index.json").read_text())
         shards = sorted(p.name for p in out.glob("model-*.safetensors"))
