@@ -184,7 +184,8 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
     """Write a folder that `LlamaForCausalLM.from_pretrained` loads, in the state dict's dtype.
     Everything goes into a hidden sibling folder first, renamed into place only when complete."""
     output_dir = Path(output_dir).resolve()  # resolved: "." has no name to put a sibling beside
-    config_json = hf_config(config, max_position_embeddings, next(iter(state_dict.values())).dtype)
+    dtype = next(iter(state_dict.values())).dtype if state_dict else torch.float32  # empty: refused below
+    config_json = hf_config(config, max_position_embeddings, dtype)
     check_tensors(expected_shapes(config), {n: tuple(t.shape) for n, t in state_dict.items()},
                   "the state dict to export")
     if tokenizer_path is not None:
