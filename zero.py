@@ -23,9 +23,10 @@ Stage 2 overlaps communication with backward: as each parameter's gradient is ac
 copies it into its bucket's float32 staging buffer and frees `param.grad`; once a bucket is complete
 its reduce-scatter is launched asynchronously while backward goes on with the layers before it.
 Buckets hold parameters in reverse order, the order backward produces them, and are launched
-strictly in bucket order so that every rank issues the same collectives in the same order. At the
-end of each backward the remaining buckets are launched (a parameter that got no gradient counts as
-zero: every rank must then agree on which those are) and all reductions are awaited.
+strictly in bucket order. At the end of each backward the buckets not yet launched are launched
+too, a parameter that got no gradient counting as zero, and all reductions are awaited: so every
+rank issues every bucket's reduce-scatter once per backward, in the same order, even where ranks
+differ in which parameters got gradients (each backward must reach at least one parameter).
 
 At world size 1 there are no collectives and the update is exactly torch.optim.AdamW after
 torch.nn.utils.clip_grad_norm_, with weight decay on every parameter except norm weights and biases.

@@ -170,10 +170,11 @@ def worker(rank: int, folder: str) -> None:
             model = tiny_llama(tie)
             opt = ZeroAdamW(model, lr=LRS[0], zero_stage=stage, bucket_bytes=SMALL_BUCKETS, **HP)
             # Sample the float32 staging memory after every gradient hook (these run after the optimizer's).
-            peak = [0]
+            peak, launched = [0], [0]
 
-            def sample(_, opt=opt, peak=peak):
+            def sample(_, opt=opt, peak=peak, launched=launched):
                 peak[0] = max(peak[0], sum(b.staging.numel() for b in opt.buckets if b.staging is not None))
+                launched[0] = max(launched[0], opt._next)  # stage 2: buckets launched so far in this backward
 
             for p in model.parameters():
                 p.register_post_accumulate_grad_hook(sample)
@@ -186,6 +187,7 @@ def worker(rank: int, folder: str) -> None:
                 weights=rest["weights"], saved=saved, continued=rest["losses"], peak_staging=peak[0],
                 shard_numel=sum(b.grad.numel() for b in opt.buckets), numel=sum(b.numel for b in opt.buckets),
                 full_grads=sum(b.full_grad is not None for b in opt.buckets), buckets=len(opt.buckets),
+                launched_in_backward=launched[0],
                 grads_left=sum(p.grad is not None for p in model.parameters()))
     for tie in (True, False):
         # 2 ranks -> 2 ranks, into a model initialized differently: the load must set the weights.
@@ -198,8 +200,33 @@ def worker(rank: int, folder: str) -> None:
         opt = ZeroAdamW(model, lr=LRS[0], zero_stage=1, **HP)  # default bucket size: one bucket
         opt.load_sharded_state(open_shards([f"{folder}/ref-{tie}.safetensors"]))
         out["from1", tie] = dict(loaded=weights(model), **train(model, opt, range(SAVE_AT, STEPS), rank, RANKS))
+    for stage in (1, 2):
+        model = partly_used()
+        out["partly", stage] = train_partly_used(model, ZeroAdamW(model, lr=1e-2, zero_stage=stage, bucket_bytes=1024, **HP),
+                                                 rank, RANKS)
     torch.save(out, f"{folder}/result{rank}.pt")
     dist.destroy_process_group()
+
+
+def partly_used() -> torch.nn.Module:
+    """Two layers; the second one is skipped in some micro-batches, so it gets no gradient there."""
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"a": torch.nn.Linear(16, 16), "b": torch.nn.Linear(16, 16)})
+
+
+def train_partly_used(model, opt, rank: int = 0, world: int = 1) -> dict:
+    """Global micro-batch 2 (rank 1's first, at world size 2) skips layer b: on that micro-batch rank 1
+    produces no gradient for b while rank 0 does."""
+    acc = RANKS * ACC // world
+    for step in range(2):
+        opt.zero_grad()
+        for m in range(acc):
+            index = rank * acc + m
+            x = torch.randn(4, 16, generator=torch.Generator().manual_seed(100 * step + index))
+            y = model["a"](x) if index == 2 else model["b"](model["a"](x))
+            (y.square().mean() / (acc * world)).backward()
+        opt.step(1e-2, 1.0)
+    return dict(buckets=len(opt.buckets), weights=weights(model))
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +243,8 @@ def runs(tmp_path_factory):
         rest = train(model, opt, range(SAVE_AT, STEPS))
         ref[tie] = dict(losses=first["losses"] + rest["losses"], norms=first["norms"] + rest["norms"],
                         weights=rest["weights"], saved=saved, continued=rest["losses"])
+    model = partly_used()
+    ref["partly"] = train_partly_used(model, ZeroAdamW(model, lr=1e-2, bucket_bytes=1024, **HP))
     mp.spawn(worker, args=(str(folder),), nprocs=RANKS)
     ranks = [torch.load(folder / f"result{r}.pt") for r in range(RANKS)]
     return folder, ref, ranks
@@ -245,6 +274,22 @@ def test_stage_2_holds_no_full_gradient_buffer(runs):
             assert s2["full_grads"] == 0  # stage 2: only the shard, plus staging for buckets in flight
             assert s2["shard_numel"] * RANKS == s2["numel"]
             assert 0 < s2["peak_staging"] <= s2["numel"] // 2, (s2["peak_staging"], s2["numel"])
+
+
+def test_stage_2_reduces_during_backward(runs):
+    _, _, ranks = runs
+    for tie in (True, False):
+        for rank in ranks:
+            # Every bucket's reduce-scatter was launched by a gradient hook, none waited for the end of backward.
+            assert rank[2, tie]["launched_in_backward"] == rank[2, tie]["buckets"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_parameters_without_gradient_do_not_hang(runs, stage):
+    _, ref, ranks = runs
+    assert ranks[0]["partly", stage]["buckets"] == 4  # a and b are in different buckets
+    for rank in ranks:
+        assert_close_weights(rank["partly", stage]["weights"], ref["partly"]["weights"], atol=1e-6)
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
