@@ -192,7 +192,8 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
         special = tokenizer_special_ids(Path(tokenizer_path), config.vocab_size)
         config_json.update(bos_token_id=special.get(BOS), eos_token_id=special.get(EOS))
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{output_dir}: already exists and is not empty; remove it, export elsewhere, or ask to overwrite (--overwrite).")
+        raise ExportError(f"{output_dir}: already exists and is not empty; remove it, export elsewhere, "
+                          "or ask to overwrite (--overwrite).")
     # Tensors in state-dict order, a new file whenever the next tensor would pass the limit.
     shards, size = [[]], 0
     for name, t in state_dict.items():
