@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import array
 import collections
+import concurrent.futures
 import glob
 import hashlib
 import itertools
@@ -352,27 +353,6 @@ class Data:
 # Loader: per-rank batches, read one step ahead on a background thread.
 
 
-class _Job(threading.Thread):
-    """fn(start) on a daemon thread (it never holds up interpreter exit); get() returns or re-raises."""
-
-    def __init__(self, fn, start: int):
-        super().__init__(daemon=True)
-        self.fn, self.start_sample, self.result, self.error = fn, start, None, None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn(self.start_sample)
-        except BaseException as e:  # handed to the caller by get()
-            self.error = e
-
-    def get(self):
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
 class Loader:
     """Per-rank batches of one split's stream. Its whole state is `consumed_samples` (global, over all ranks).
 
@@ -390,7 +370,10 @@ class Loader:
         self.data, self.split, self.consumed_samples = data, split, consumed_samples
         self.batch_size, self.micro_batch_size, self.rank = batch_size, micro_batch_size, rank
         self.device = torch.device(device)
-        self._pending: _Job | None = None
+        # One reader thread, kept for the loader's life: starting a thread per batch would make each step
+        # wait for the new thread to hand back the GIL. At exit or on close() it ends (never a hang).
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"loader-{split}")
+        self._ahead: tuple[int, concurrent.futures.Future] | None = None  # the next batch, being read
 
     def _read(self, start: int) -> torch.Tensor:
         out = torch.empty((self.per_rank, self.data.sequence_length + 1), dtype=torch.int64,
@@ -398,17 +381,16 @@ class Loader:
         return self.data.samples(self.split, start + self.rank * self.per_rank, self.per_rank, out=out)
 
     def next_batch(self) -> list[torch.Tensor]:
-        start, job, self._pending = self.consumed_samples, self._pending, None
-        # The prefetched batch is used only if nobody moved consumed_samples since it started.
-        batch = job.get() if job is not None and job.start_sample == start else self._read(start)
+        start, ahead, self._ahead = self.consumed_samples, self._ahead, None
+        # The batch read ahead is used only if nobody moved consumed_samples since; result() re-raises.
+        batch = ahead[1].result() if ahead is not None and ahead[0] == start else self._read(start)
         self.consumed_samples = start + self.batch_size
-        self._pending = _Job(self._read, self.consumed_samples)
+        self._ahead = (self.consumed_samples, self._reader.submit(self._read, self.consumed_samples))
         return list(batch.to(self.device, non_blocking=True).split(self.micro_batch_size))
 
     def close(self):
-        if self._pending is not None:
-            self._pending.join()
-            self._pending = None
+        self._reader.shutdown(wait=True)
+        self._ahead = None
 
 
 # --------------------------------------------------------------------------------------------------

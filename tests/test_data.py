@@ -4,6 +4,7 @@ import json
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -306,7 +307,7 @@ def read_steps(data, steps, consumed=0, world=1, batch=12, micro=2):
     assert {loader.consumed_samples for loader in loaders} == {consumed + steps * batch}
     for loader in loaders:
         loader.close()
-        assert loader._pending is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("loader-")]  # no reader thread left
     return out
 
 
