@@ -38,11 +38,11 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-def _persistent_programs(device: torch.device) -> int:
-    """Programs for a grid that loops over rows: a few per multiprocessor fill the GPU."""
+def _multiprocessors(device: torch.device) -> int:
+    """Sizes the grids that loop over rows (a few programs per multiprocessor)."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 3  # the interpreter runs programs one after another; 3 still tests the row loop
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3  # under the interpreter: few programs, so that the tests run their row loops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         dy = dy.reshape(x.shape).contiguous()
         dx = torch.empty_like(x)
-        rows = triton.cdiv(x.shape[0], _persistent_programs(x.device))  # per program
+        rows = triton.cdiv(x.shape[0], 2 * _multiprocessors(x.device))  # per program; 2 per SM measured best
         programs = triton.cdiv(x.shape[0], rows)
         dw = torch.empty(programs, x.shape[1], dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(x.shape[1])
@@ -201,41 +201,51 @@ LOGITS_CHUNK_BYTES = 512 * 2**20  # the C x V logits buffer: 2048 tokens at V = 
 
 
 @triton.jit
-def _cross_entropy_kernel(z_ptr, labels_ptr, loss_ptr, scale_ptr, V, BLOCK: tl.constexpr):
-    """One program per row z (V logits). In float32:
+def _cross_entropy_kernel(z_ptr, labels_ptr, loss_ptr, scale_ptr, n_rows, V, ROWS, BLOCK: tl.constexpr):
+    """Program p takes rows p * ROWS ... (p + 1) * ROWS - 1 of z (n_rows x V logits), one row at
+    a time, so the rows in flight (one per program) can stay in L2 between the row's two passes.
+    Per row, in float32:
         lse  = log sum_j exp(z_j), by an online pass over blocks: m = running max,
                s = sum exp(z_j - m), rescaled by exp(m_old - m) when the max grows
         loss = lse - z[label]     (0 if label == IGNORE_INDEX)
         dz_j = (exp(z_j - lse) - [j == label]) * scale, scale = 1 / n_labelled (0 if ignored),
-               written over z in its dtype."""
-    row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * V
-    label = tl.load(labels_ptr + row)
-    m = -float("inf")
-    s = 0.0
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        z = tl.load(z_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-    lse = m + tl.log(s)
-    ignored = label == -100  # IGNORE_INDEX
-    z_label = tl.load(z_row + label, mask=label != -100, other=0.0).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_label))
-    scale = tl.where(ignored, 0.0, tl.load(scale_ptr))
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-        dz = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
-        tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
+               written over z in its dtype by a second pass."""
+    for r in range(0, ROWS):
+        row = tl.program_id(0).to(tl.int64) * ROWS + r
+        if row < n_rows:
+            z_row = z_ptr + row * V
+            label = tl.load(labels_ptr + row)
+            m = -float("inf")
+            s = 0.0
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                z = tl.load(z_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(s)
+            ignored = label == -100  # IGNORE_INDEX
+            z_label = tl.load(z_row + label, mask=label != -100, other=0.0).to(tl.float32)
+            tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_label))
+            scale = tl.where(ignored, 0.0, tl.load(scale_ptr))
+            for start in range(0, V, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+                dz = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
+                tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
 
 
-def _cross_entropy_rows(z, labels, losses, scale, block=4096, num_warps=None):
-    """Per row of z (rows, V): its loss into `losses`, and z overwritten by its gradient."""
+def _cross_entropy_rows(z, labels, losses, scale, programs_per_sm=1, block=8192, num_warps=16):
+    """Per row of z (rows, V): its loss into `losses`, and z overwritten by its gradient.
+    One program per multiprocessor: 132 rows of 256 KB in flight fit the H100's 50 MB L2.
+    programs_per_sm=None gives a program per row instead (for comparison in bench/kernels.py)."""
+    n = z.shape[0]
+    programs = n if programs_per_sm is None else min(n, programs_per_sm * _multiprocessors(z.device))
+    rows = triton.cdiv(n, programs)
     block = min(block, triton.next_power_of_2(z.shape[1]))
-    num_warps = num_warps or _num_warps(block)
-    _cross_entropy_kernel[(z.shape[0],)](z, labels, losses, scale, z.shape[1], BLOCK=block, num_warps=num_warps)
+    _cross_entropy_kernel[(triton.cdiv(n, rows),)](
+        z, labels, losses, scale, n, z.shape[1], rows, BLOCK=block, num_warps=min(num_warps, _num_warps(block))
+    )
 
 
 def _fused_cross_entropy(hidden, weight, labels, need_grad_h: bool, need_grad_w: bool, chunk_tokens: int | None):

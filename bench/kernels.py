@@ -4,10 +4,12 @@
 
 Shapes are PERF.md's: cross-entropy 16,384 tokens x 4096 x 128,256; RMSNorm 16,384 x 4096;
 rotary q (4, 4096, 32, 128) and k (4, 4096, 8, 128); all bf16. Each row is forward+backward, the
-median of many runs (triton.testing.do_bench) on random data. Memory is the peak above what was
-allocated before the step (inputs), the returned gradients included. Rates: for the memory-bound
-ops, the fewest bytes (each input read once, each output written once, forward and backward)
-over the time; for the cross-entropy, its three matrix products (6 N H V flops) over the time.
+median of many runs (triton.testing.do_bench) on random data, and for the small ops also replayed
+in a CUDA graph (GPU time without launch gaps). Memory is the peak above what was allocated
+before the step (the inputs), in GiB, the returned gradients included, and what is left of it
+without them. Rates: for the memory-bound ops, the fewest bytes (each input read once, each output
+written once, forward and backward) over the graph time; for the cross-entropy, its three matrix
+products (6 N H V flops) over the time.
 The ceilings (a device-to-device copy, an 8192^3 bf16 matmul) are measured in the same run.
 """
 import argparse
@@ -22,14 +24,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kernels  # noqa: E402
 import model  # noqa: E402
 
-GB = 1e9
+GIB = 2**30  # memory in GiB, as PERF.md's table
 
 
 def median_ms(fn, rep_ms=1000) -> float:
     return do_bench(fn, warmup=200, rep=rep_ms, return_mode="median")
 
 
-def peak_extra_gb(step, params) -> float:
+def graph_ms(step) -> float:
+    """The step captured in a CUDA graph and replayed: GPU time without the launch gaps that
+    small ops leave when timed alone (in a model, the CPU runs ahead and hides them)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return median_ms(graph.replay)
+    except Exception as e:  # a capture that fails is reported, not fatal
+        print(f"  CUDA graph capture failed: {e}", flush=True)
+        return float("nan")
+
+
+def peak_extra_gib(step, params) -> float:
     """Peak memory of one step above what was allocated before it (gradients cleared first)."""
     for p in params:
         p.grad = None
@@ -41,7 +62,7 @@ def peak_extra_gb(step, params) -> float:
     extra = torch.cuda.max_memory_allocated() - before
     for p in params:
         p.grad = None
-    return extra / GB
+    return extra / GIB
 
 
 def ceilings():
@@ -53,15 +74,21 @@ def ceilings():
     return copy_tbs, matmul_tflops
 
 
-def time_variants(variants, params, make_step, unit_amount, unit, rep_ms=1000):
-    """Rows (name, ms, GB, rate) for each (name, fn); the step runs fn forward and backward."""
+def time_variants(variants, params, make_step, unit_amount, unit, rep_ms=1000, graph=True):
+    """Rows (name, ms, graph ms, GiB, GiB beyond the gradients, rate, unit) for each (name, fn);
+    the step runs fn forward and backward. unit_amount: bytes or flops of one step."""
     rows = []
+    grads = sum(p.numel() * p.element_size() for p in params) / GIB
     for name, fn in variants:
         step = make_step(fn)
         step()  # compile, warm the allocator
         ms = median_ms(step, rep_ms)
-        rows.append((name, ms, peak_extra_gb(step, params), unit_amount / ms / 1e9, unit))
-        print(f"  {name}: {ms:.3f} ms", flush=True)
+        gib = peak_extra_gib(step, params)
+        gms = graph_ms(step) if graph else float("nan")
+        best = gms if gms == gms else ms  # the graph's time where there is one (gms == gms: not nan)
+        rate = unit_amount / best / (1e6 if unit == "GB/s" else 1e9)
+        rows.append((name, ms, gms, gib, gib - grads, rate, unit))
+        print(f"  {name}: {ms:.3f} ms, graph {gms:.3f} ms, {gib:.2f} GiB", flush=True)
     return rows
 
 
@@ -129,40 +156,28 @@ def bench_cross_entropy():
                 return ctx.z @ weight, ctx.z.t() @ hidden
         return Floor.apply(hidden, weight)
 
-    variants = [("triton fused (default chunk)", kernels.cross_entropy)]
-    for chunk in (1024, 4096):
+    variants = [("triton fused (default: 2048-token chunks)", kernels.cross_entropy)]
+    for chunk in (512, 1024, 4096):
         variants.append((f"triton fused, {chunk}-token chunks", lambda a, b, c, chunk=chunk: kernels.cross_entropy(a, b, c, chunk)))
     variants += [("eager", model.cross_entropy_torch), ("torch.compile", torch.compile(model.cross_entropy_torch)),
                  ("floor: the 3 matmuls alone", three_matmuls)]
-    return time_variants(variants, [hidden, weight], make_step, 6 * n * h * v, "TFLOP/s", rep_ms=3000)
+    return time_variants(variants, [hidden, weight], make_step, 6 * n * h * v, "TFLOP/s", rep_ms=3000, graph=False)
 
 
 def tuning():
     """Diagnostics for the next change: the cross-entropy kernel alone on one 2048-token chunk of
-    logits, by block size and warps; RMSNorm by programs per multiprocessor in its backward."""
+    logits, by grid (programs per multiprocessor; None = one per row), block size and warps."""
     lines = []
     v = 128256
     z = torch.randn(2048, v, device="cuda").bfloat16()
     labels = torch.randint(0, v, (2048,), device="cuda")
     losses, scale = torch.empty(2048, device="cuda"), torch.tensor(1 / 2048, device="cuda")
-    for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16)):
-        ms = median_ms(lambda: kernels._cross_entropy_rows(z, labels, losses, scale, block, warps))
-        lines.append(f"CE kernel, 2048 x {v} chunk, BLOCK {block}, {warps} warps: {ms:.3f} ms per chunk, "
-                     f"{ms * 8:.2f} ms for 16384 tokens, {2 * z.numel() * 2 / ms / 1e9:.0f} GB/s (1 read + 1 write)")
-    del z
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    x = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.ones(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn_like(x)
-    y = kernels.rms_norm(x, w, 1e-5)
-    original = kernels._persistent_programs
-    for k in (1, 2, 4, 8, 16):
-        kernels._persistent_programs = lambda device, k=k: k * sms
-        ms = median_ms(lambda: torch.autograd.grad(y, [x, w], dy, retain_graph=True))
-        lines.append(f"RMSNorm backward, {k} programs per SM: {ms:.3f} ms, {3 * x.numel() * 2 / ms / 1e9:.0f} GB/s")
-    kernels._persistent_programs = original
-    ms = median_ms(lambda: kernels.rms_norm(x.detach(), w.detach(), 1e-5))
-    lines.append(f"RMSNorm forward: {ms:.3f} ms, {2 * x.numel() * 2 / ms / 1e9:.0f} GB/s")
+    for per_sm, block, warps in ((None, 4096, 8), (None, 8192, 16), (1, 4096, 8), (1, 8192, 16),
+                                 (2, 4096, 8), (2, 8192, 16), (4, 4096, 8)):
+        ms = median_ms(lambda: kernels._cross_entropy_rows(z, labels, losses, scale, per_sm, block, warps))
+        lines.append(f"CE kernel, 2048 x {v} chunk, {per_sm} programs/SM, BLOCK {block}, {warps} warps: "
+                     f"{ms:.3f} ms per chunk, {ms * 8:.2f} ms for 16384 tokens, "
+                     f"{2 * z.numel() * 2 / ms / 1e6:.0f} GB/s (counting 1 read + 1 write)")
     print("\n".join(lines), flush=True)
     return lines
 
@@ -201,13 +216,14 @@ def main():
     copy_tbs, matmul_tflops = ceilings()
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}",
              f"ceilings: device-to-device copy {copy_tbs:.2f} TB/s (read + write); 8192^3 bf16 matmul {matmul_tflops:.0f} TFLOP/s",
-             "", "| op | implementation | ms (median) | peak extra GB | rate | of ceiling |", "|---|---|---|---|---|---|"]
+             "", "| op | implementation | ms (median) | ms, CUDA graph | peak extra GiB | beyond the gradients | rate | of ceiling |",
+             "|---|---|---|---|---|---|---|---|"]
     for op, fn in (("RMSNorm 16384x4096", bench_rms_norm), ("rotary q+k", bench_rotary),
                    ("cross-entropy 16384x4096x128256", bench_cross_entropy)):
         print(op, flush=True)
-        for name, ms, gb, rate, unit in fn():
+        for name, ms, gms, gib, beyond, rate, unit in fn():
             ceiling = copy_tbs * 1e3 if unit == "GB/s" else matmul_tflops
-            lines.append(f"| {op} | {name} | {ms:.3f} | {gb:.2f} | {rate:.0f} {unit} | {rate / ceiling:.0%} |")
+            lines.append(f"| {op} | {name} | {ms:.3f} | {gms:.3f} | {gib:.2f} | {beyond:.2f} | {rate:.0f} {unit} | {rate / ceiling:.0%} |")
         torch.cuda.empty_cache()
     print("cross-entropy accuracy", flush=True)
     lines += ["", "cross-entropy gradients in bf16, 16384 x 4096 x 32768, error |x - ref| / |ref| against float64:",

@@ -53,7 +53,7 @@ def run_rms_norm(shape, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("shape", [(5, 123), (2, 3, 64), (1, 1000)])
+@pytest.mark.parametrize("shape", [(5, 123), (2, 3, 64), (1, 1000), (37, 100)])
 def test_rms_norm(shape, dtype):
     run_rms_norm(shape, dtype, "cpu")
 
