@@ -178,6 +178,20 @@ def tuning():
         lines.append(f"CE kernel, 2048 x {v} chunk, {per_sm} programs/SM, BLOCK {block}, {warps} warps: "
                      f"{ms:.3f} ms per chunk, {ms * 8:.2f} ms for 16384 tokens, "
                      f"{2 * z.numel() * 2 / ms / 1e6:.0f} GB/s (counting 1 read + 1 write)")
+    del z
+    h, w = torch.randn(16384, 4096, device="cuda").bfloat16(), torch.randn(v, 4096, device="cuda").bfloat16()
+    grad_w, g = torch.empty_like(w), torch.tensor(1.0, device="cuda")
+    for c in (2048, 4096):
+        z, gh = torch.randn(c, v, device="cuda").bfloat16(), torch.empty(c, 4096, device="cuda").bfloat16()
+        parts = {"logits": lambda: torch.matmul(h[:c], w.t(), out=z), "grad_h": lambda: torch.matmul(z, w, out=gh),
+                 "grad_W first": lambda: torch.matmul(z.t(), h[:c], out=grad_w), "grad_W addmm_": lambda: grad_w.addmm_(z.t(), h[:c])}
+        times = {name: median_ms(fn) for name, fn in parts.items()}
+        chunks = 16384 // c
+        total = chunks * (times["logits"] + times["grad_h"]) + times["grad_W first"] + (chunks - 1) * times["grad_W addmm_"]
+        lines.append(f"{c}-token chunk: " + ", ".join(f"{k} {t:.3f} ms" for k, t in times.items())
+                     + f"; the matmuls of {chunks} chunks: {total:.2f} ms")
+        del z
+    lines.append(f"grad scaling in backward (grad_W and grad_h mul_): {median_ms(lambda: (grad_w.mul_(g), h.mul_(g))):.3f} ms")
     print("\n".join(lines), flush=True)
     return lines
 
