@@ -234,10 +234,13 @@ class _Part:  # one dataset's share of one split
     dataset: MemmapDataset
     start: int  # first token of the split in the dataset's stream
     windows: int  # windows of sequence_length + 1 tokens that fit in the split's tokens
+    weight: float  # the dataset's blend weight (normalized over the split's parts)
 
 
 class Data:
-    """The samples of each split of `data:`; see the module docstring for how they are drawn."""
+    """The samples of each split of `data:` (the module docstring says how they are drawn). vocab_size is
+    the model's: random tokens are drawn below it, file tokens at or above it are an error. cache_dir
+    keeps each epoch's sample index (train.py: the experiment's cache/); None builds them in memory."""
 
     def __init__(self, config: DataConfig, sequence_length: int, vocab_size: int, seed: int,
                  cache_dir: str | Path | None = None):
@@ -262,15 +265,13 @@ class Data:
         datasets = read_dataset_json(path)
         self.tokenizer_path = path.parent / "tokenizer.json" if (path.parent / "tokenizer.json").is_file() else None
         self._parts: dict[str, list[_Part]] = {s: [] for s in SPLITS}
-        self._weights: dict[str, list[float]] = {s: [] for s in SPLITS}
         for dataset, weight in datasets:
             edges = split_boundaries(dataset.num_documents, split)
             for s, name in enumerate(SPLITS):
                 start, end = dataset.cumsum[edges[s]], dataset.cumsum[edges[s + 1]]
                 windows = max(0, int(end - start - 1) // sequence_length)
                 if windows:  # a dataset with nothing in this split leaves that split's blend
-                    self._parts[name].append(_Part(dataset, int(start), windows))
-                    self._weights[name].append(weight)
+                    self._parts[name].append(_Part(dataset, int(start), windows, weight))
         if not self._parts["train"]:
             raise DataError(f"data.path: {path}: the train split ({split[0]} of {split}) holds no window of "
                             f"{sequence_length + 1} tokens in any dataset; use more data, a larger train "
@@ -323,13 +324,13 @@ class Data:
         with self._lock:
             if self._epochs.get(split, (None,))[0] == epoch:
                 return self._epochs[split][1]
-            parts = self._parts[split]
-            windows = np.array([part.windows for part in parts], np.int64)
+            windows = np.array([part.windows for part in self._parts[split]], np.int64)
+            weights = np.array([part.weight for part in self._parts[split]])
             path = self.cache_dir / f"{self._cache_key}-{split}-{epoch}.npy" if self.cache_dir else None
             # The key covers every input and files appear whole (rename), so a cached file is trusted.
             index = np.load(path, mmap_mode="r") if path is not None and path.is_file() else None
             if index is None:
-                index = epoch_index(windows, np.array(self._weights[split]), self.seed, SPLITS.index(split), epoch)
+                index = epoch_index(windows, weights, self.seed, SPLITS.index(split), epoch)
                 if path is not None:  # temp + rename: a reader never sees half a file
                     path.parent.mkdir(parents=True, exist_ok=True)
                     tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
