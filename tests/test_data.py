@@ -431,6 +431,7 @@ def test_prepare_refuses_bad_input_and_writes_nothing(demo, tmp_path):
         (["--input", tmp_path / "good.jsonl", "--tokenizer", tmp_path / "broken.json"], "does not load as a Hugging Face tokenizer.json"),
         (["--input", tmp_path / "good.jsonl", "--tokenizer", tok, "--bos-token", "<s>"], "no token '<s>'"),
         ([], "give either --demo or --input"),
+        (["--demo", "--vocab-size", 100], "--vocab-size 100: must be at least 258"),
     ]
     for args, message in cases:
         assert message in prepare_error(*args, "--output", out), args
