@@ -555,7 +555,8 @@ def prepare(args: argparse.Namespace):
             raise DataError(f"{option} {value}: must be at least {least}.")
     files = [] if args.demo else input_files(args.input)
     demo = demo_documents() if args.demo else None
-    read = lambda: iter(demo) if args.demo else read_documents(files, args.text_field)  # noqa: E731
+    # An empty text makes no document (not a lone BOS, EOS pair).
+    read = lambda: filter(None, iter(demo) if args.demo else read_documents(files, args.text_field))  # noqa: E731
     if args.tokenizer:
         from tokenizers import Tokenizer
 
@@ -581,7 +582,10 @@ def prepare(args: argparse.Namespace):
     staging.mkdir(parents=True)
     shards, start = [], time.perf_counter()
     try:
-        tokenizer.save(str(staging / "tokenizer.json"))
+        if args.tokenizer:  # the user's file as it is, byte for byte
+            shutil.copyfile(args.tokenizer, staging / "tokenizer.json")
+        else:
+            tokenizer.save(str(staging / "tokenizer.json"))
         with tqdm(unit=" docs", desc="prepare", disable=None) as bar:  # shown on a terminal only
             docs = _progress(tokenize(read(), tokenizer, bos, eos, args.workers), bar, start)
             while (first := next(docs, None)) is not None:
@@ -590,7 +594,7 @@ def prepare(args: argparse.Namespace):
                 shards.append({"prefix": name, "num_documents": n, "num_tokens": t})
         tokens = sum(entry["num_tokens"] for entry in shards)
         if tokens == 0:
-            raise DataError(f"--input {' '.join(args.input)}: the inputs hold no text.")
+            raise DataError(f"--input {' '.join(args.input or [])}: the inputs hold no text.")
     except BaseException:
         shutil.rmtree(output if created else staging, ignore_errors=True)
         raise

@@ -380,6 +380,7 @@ def test_prepare_text_and_jsonl(demo, tmp_path):
     assert result.returncode == 0, result.stderr
     from tokenizers import Tokenizer
 
+    assert (out / "tokenizer.json").read_bytes() == (demo / "tokenizer.json").read_bytes()
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     eos = tokenizer.token_to_id("<|end_of_text|>")
     spec = json.loads((out / "fast_llm_dataset.json").read_text())["datasets"]
@@ -419,6 +420,7 @@ def test_prepare_refuses_bad_input_and_writes_nothing(demo, tmp_path):
     (tmp_path / "good.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"content": "x"}) + "\n")
     (tmp_path / "broken.json").write_text("not a tokenizer")
+    (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     tok, out = demo / "tokenizer.json", tmp_path / "out"
     cases = [
@@ -431,6 +433,7 @@ def test_prepare_refuses_bad_input_and_writes_nothing(demo, tmp_path):
         (["--input", tmp_path / "good.jsonl", "--tokenizer", tmp_path / "broken.json"], "does not load as a Hugging Face tokenizer.json"),
         (["--input", tmp_path / "good.jsonl", "--tokenizer", tok, "--bos-token", "<s>"], "no token '<s>'"),
         ([], "give either --demo or --input"),
+        (["--input", tmp_path / "empty.txt", "--tokenizer", tok], "the inputs hold no text"),
         (["--demo", "--vocab-size", 100], "--vocab-size 100: must be at least 258"),
     ]
     for args, message in cases:
