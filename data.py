@@ -54,11 +54,8 @@ CODES = {np.dtype(t): code for code, t in DTYPES.items()}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest dtype that holds token ids 0 .. vocab_size-1; int16 before uint16 as Fast-LLM writes."""
-    for dtype in (np.uint8, np.int16, np.uint16, np.int32):
-        if vocab_size - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
+    """The smallest dtype for token ids below vocab_size; int16 before uint16, as Fast-LLM writes."""
+    return next(np.dtype(t) for t in (np.uint8, np.int16, np.uint16, np.int32, np.int64) if vocab_size - 1 <= np.iinfo(t).max)
 
 
 def write_dataset(prefix: str | Path, documents: Iterable[np.ndarray], dtype) -> tuple[int, int]:
@@ -75,10 +72,8 @@ def write_dataset(prefix: str | Path, documents: Iterable[np.ndarray], dtype) ->
     sizes, n = np.array(sizes, np.int64), len(sizes)
     pointers = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64) * dtype.itemsize
     with open(f"{prefix}.idx", "wb") as f:
-        f.write(HEADER.pack(MAGIC, 1, CODES[dtype], n, n + 1))
-        f.write(sizes.astype(np.int32).tobytes())
-        f.write(pointers[:n].tobytes())
-        f.write(np.arange(n + 1, dtype=np.int64).tobytes())
+        f.write(HEADER.pack(MAGIC, 1, CODES[dtype], n, n + 1) + sizes.astype(np.int32).tobytes()
+                + pointers[:n].tobytes() + np.arange(n + 1, dtype=np.int64).tobytes())
     return n, int(sizes.sum())
 
 
@@ -185,19 +180,11 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [969, 30, 1])  # train / validation / test weights, normalized
 
 
-def split_boundaries(num_documents: int, split: list[float]) -> np.ndarray:
+def split_boundaries(num_documents: int, split) -> np.ndarray:
     """Document boundaries [0, a, b, n]: split s is documents boundaries[s] .. boundaries[s+1]-1."""
     edges = np.round(np.cumsum([0.0, *split]) / sum(split) * num_documents).astype(np.int64)
     edges[-1] = num_documents  # no rounding slip at the end
     return edges
-
-
-def apportion(weights: np.ndarray, total: int) -> np.ndarray:
-    """Integers proportional to weights that sum to total (largest remainders)."""
-    exact = weights / weights.sum() * total
-    counts = np.floor(exact).astype(np.int64)
-    counts[np.argsort(counts - exact, kind="stable")[: total - counts.sum()]] += 1
-    return counts
 
 
 def epoch_index(windows: np.ndarray, weights: np.ndarray, seed: int, split_id: int, epoch: int) -> np.ndarray:
@@ -208,7 +195,7 @@ def epoch_index(windows: np.ndarray, weights: np.ndarray, seed: int, split_id: i
     its windows in a seeded order, reshuffled each time all have been read (so a part weighted
     above its size repeats windows, one weighted below it reaches the rest in later epochs)."""
     total = int(windows.sum())
-    counts = apportion(weights, total)
+    counts = np.diff(split_boundaries(total, weights))  # proportional integers that sum to total
     order = np.repeat(np.arange(len(windows), dtype=np.int32), counts)
     np.random.default_rng([seed, split_id, 0, epoch]).shuffle(order)
     by_part = np.argsort(order, kind="stable")  # sample positions grouped by part, in order
