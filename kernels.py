@@ -34,7 +34,7 @@ if INTERPRETED:
 
 
 def _num_warps(block: int) -> int:
-    """Warps for a program that handles `block` elements at once: about 16 elements per thread."""
+    """Warps for a program that handles `block` elements at once: 16 to 32 elements per thread."""
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
@@ -193,59 +193,50 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 #     grad_h[c] = dz @ W                   (written straight into the output)
 #     grad_W   += dz.T @ h_c               (accumulated in the weight's dtype)
 # The gradients are thus finished in the forward pass; the backward only scales them by the
-# incoming gradient. Accumulating grad_W in bf16 rounds it once per chunk instead of once (as in
-# eager); BENCHMARKS.md measures that error, and a float32 accumulator would cost 4 bytes x V x H
-# (2.1 GB at Llama-3.1-8B's 128,256 x 4096), twice the memory this op is allowed.
+# incoming gradient when that is not 1. Accumulating grad_W in bf16 rounds it once per chunk
+# instead of once: measured against float64 on an H100 (BENCHMARKS.md), 8 chunks give a relative
+# error of 4.2e-3 where eager's single rounding gives 2.4e-3, still within bf16's own 2^-8. A
+# float32 accumulator would hold 4 bytes x V x H: 2.1 GB at 128,256 x 4096, twice the 1 GB budget.
 
 LOGITS_CHUNK_BYTES = 512 * 2**20  # the C x V logits buffer: 2048 tokens at V = 128,256 in bf16
 
 
 @triton.jit
-def _cross_entropy_kernel(z_ptr, labels_ptr, loss_ptr, scale_ptr, n_rows, V, ROWS, BLOCK: tl.constexpr):
-    """Program p takes rows p * ROWS ... (p + 1) * ROWS - 1 of z (n_rows x V logits), one row at
-    a time, so the rows in flight (one per program) can stay in L2 between the row's two passes.
-    Per row, in float32:
+def _cross_entropy_kernel(z_ptr, labels_ptr, loss_ptr, scale_ptr, V, BLOCK: tl.constexpr):
+    """One program per row z (V logits). In float32:
         lse  = log sum_j exp(z_j), by an online pass over blocks: m = running max,
                s = sum exp(z_j - m), rescaled by exp(m_old - m) when the max grows
         loss = lse - z[label]     (0 if label == IGNORE_INDEX)
         dz_j = (exp(z_j - lse) - [j == label]) * scale, scale = 1 / n_labelled (0 if ignored),
-               written over z in its dtype by a second pass."""
-    for r in range(0, ROWS):
-        row = tl.program_id(0).to(tl.int64) * ROWS + r
-        if row < n_rows:
-            z_row = z_ptr + row * V
-            label = tl.load(labels_ptr + row)
-            m = -float("inf")
-            s = 0.0
-            for start in range(0, V, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                z = tl.load(z_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(z, axis=0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-                m = m_new
-            lse = m + tl.log(s)
-            ignored = label == -100  # IGNORE_INDEX
-            z_label = tl.load(z_row + label, mask=label != -100, other=0.0).to(tl.float32)
-            tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_label))
-            scale = tl.where(ignored, 0.0, tl.load(scale_ptr))
-            for start in range(0, V, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-                dz = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
-                tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
+               written over z in its dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * V
+    label = tl.load(labels_ptr + row)
+    m = -float("inf")
+    s = 0.0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(z_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    ignored = label == -100  # IGNORE_INDEX
+    z_label = tl.load(z_row + label, mask=label != -100, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_label))
+    scale = tl.where(ignored, 0.0, tl.load(scale_ptr))
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+        dz = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
+        tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
 
 
-def _cross_entropy_rows(z, labels, losses, scale, programs_per_sm=1, block=8192, num_warps=16):
-    """Per row of z (rows, V): its loss into `losses`, and z overwritten by its gradient.
-    One program per multiprocessor: 132 rows of 256 KB in flight fit the H100's 50 MB L2.
-    programs_per_sm=None gives a program per row instead (for comparison in bench/kernels.py)."""
-    n = z.shape[0]
-    programs = n if programs_per_sm is None else min(n, programs_per_sm * _multiprocessors(z.device))
-    rows = triton.cdiv(n, programs)
+def _cross_entropy_rows(z, labels, losses, scale, block=4096, num_warps=None):
+    """Per row of z (rows, V): its loss into `losses`, and z overwritten by its gradient."""
     block = min(block, triton.next_power_of_2(z.shape[1]))
-    _cross_entropy_kernel[(triton.cdiv(n, rows),)](
-        z, labels, losses, scale, n, z.shape[1], rows, BLOCK=block, num_warps=min(num_warps, _num_warps(block))
-    )
+    num_warps = num_warps or _num_warps(block)
+    _cross_entropy_kernel[(z.shape[0],)](z, labels, losses, scale, z.shape[1], BLOCK=block, num_warps=num_warps)
 
 
 def _fused_cross_entropy(hidden, weight, labels, need_grad_h: bool, need_grad_w: bool, chunk_tokens: int | None):
@@ -282,13 +273,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        # Scaled in place (grad_loss is a 0-dim device tensor: no synchronization); the gradients
-        # are then handed over, so a second backward through this graph is not supported.
+        # The gradients were finished in forward for a loss gradient of 1; another one (a loss
+        # divided by the gradient-accumulation steps) scales them in place. Reading it costs one
+        # host synchronization, and skipping the scaling when it is 1 saves two passes over
+        # grad_W: 2.3 ms at Llama-3.1-8B's head (BENCHMARKS.md). The gradients are handed over,
+        # so a second backward through this graph is not supported.
         grad_h, grad_w, ctx.grad_h, ctx.grad_w = ctx.grad_h, ctx.grad_w, None, None
-        if grad_h is not None:
-            grad_h.mul_(grad_loss)
-        if grad_w is not None:
-            grad_w.mul_(grad_loss)
+        g = grad_loss.item()
+        for grad in (grad_h, grad_w):
+            if grad is not None and g != 1.0:
+                grad.mul_(g)
         return grad_h, grad_w, None, None
 
 

@@ -159,6 +159,7 @@ def bench_cross_entropy():
     variants = [("triton fused (default: 2048-token chunks)", kernels.cross_entropy)]
     for chunk in (512, 1024, 4096):
         variants.append((f"triton fused, {chunk}-token chunks", lambda a, b, c, chunk=chunk: kernels.cross_entropy(a, b, c, chunk)))
+    variants.append(("triton fused, loss x 0.5 (backward scales the gradients)", lambda a, b, c: 0.5 * kernels.cross_entropy(a, b, c)))
     variants += [("eager", model.cross_entropy_torch), ("torch.compile", torch.compile(model.cross_entropy_torch)),
                  ("floor: the 3 matmuls alone", three_matmuls)]
     return time_variants(variants, [hidden, weight], make_step, 6 * n * h * v, "TFLOP/s", rep_ms=3000, graph=False)
@@ -166,16 +167,15 @@ def bench_cross_entropy():
 
 def tuning():
     """Diagnostics for the next change: the cross-entropy kernel alone on one 2048-token chunk of
-    logits, by grid (programs per multiprocessor; None = one per row), block size and warps."""
+    logits, by block size and warps; the chunk's matrix products; the scaling in backward."""
     lines = []
     v = 128256
     z = torch.randn(2048, v, device="cuda").bfloat16()
     labels = torch.randint(0, v, (2048,), device="cuda")
     losses, scale = torch.empty(2048, device="cuda"), torch.tensor(1 / 2048, device="cuda")
-    for per_sm, block, warps in ((None, 4096, 8), (None, 8192, 16), (1, 4096, 8), (1, 8192, 16),
-                                 (2, 4096, 8), (2, 8192, 16), (4, 4096, 8)):
-        ms = median_ms(lambda: kernels._cross_entropy_rows(z, labels, losses, scale, per_sm, block, warps))
-        lines.append(f"CE kernel, 2048 x {v} chunk, {per_sm} programs/SM, BLOCK {block}, {warps} warps: "
+    for block, warps in ((2048, 4), (4096, 8), (8192, 8), (8192, 16)):
+        ms = median_ms(lambda: kernels._cross_entropy_rows(z, labels, losses, scale, block, warps))
+        lines.append(f"CE kernel, 2048 x {v} chunk, BLOCK {block}, {warps} warps: "
                      f"{ms:.3f} ms per chunk, {ms * 8:.2f} ms for 16384 tokens, "
                      f"{2 * z.numel() * 2 / ms / 1e6:.0f} GB/s (counting 1 read + 1 write)")
     del z
@@ -191,7 +191,8 @@ def tuning():
         lines.append(f"{c}-token chunk: " + ", ".join(f"{k} {t:.3f} ms" for k, t in times.items())
                      + f"; the matmuls of {chunks} chunks: {total:.2f} ms")
         del z
-    lines.append(f"grad scaling in backward (grad_W and grad_h mul_): {median_ms(lambda: (grad_w.mul_(g), h.mul_(g))):.3f} ms")
+    lines.append(f"grad scaling by a 0-dim tensor (grad_W and h mul_): {median_ms(lambda: (grad_w.mul_(g), h.mul_(g))):.3f} ms; "
+                 f"by a Python float: {median_ms(lambda: (grad_w.mul_(1.0), h.mul_(1.0))):.3f} ms")
     print("\n".join(lines), flush=True)
     return lines
 
