@@ -197,7 +197,9 @@ def load_config(path: str, overrides: list[str]) -> Config:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist")
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}")
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (training, batch, data, ...)")
     for item in overrides:
@@ -395,6 +397,13 @@ def cpu_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def context_length(config: Config) -> int:
+    """Positions the exported model claims: the trained length, or what llama3 scaling stretches to."""
+    r = config.model.base_model.transformer.rotary
+    scaled = int(r.original_context_length * r.scale_factor) if r.scaling_type == "llama3" else 0
+    return max(config.batch.sequence_length, scaled)
+
+
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers (no-ops in one process)
 
@@ -504,8 +513,9 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
 
     def write_export():
         if rank == 0:
+            # overwrite: a run that crashed after an export but before its checkpoint writes it again.
             out = export.export_llama(cpu_state_dict(model), config.model.base_model, exp / "export" / "llama" / str(step),
-                                      max_position_embeddings=b.sequence_length, tokenizer_path=data.tokenizer_path)
+                                      max_position_embeddings=context_length(config), tokenizer_path=data.tokenizer_path, overwrite=True)
             log(f"step {step} | exported to {out}")
         barrier()
 

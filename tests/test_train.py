@@ -1,0 +1,204 @@
+"""train.py end to end on the CPU: the loss falls, resume is exact, bad input never loses earlier work,
+and 2 gloo ranks under torchrun train like 1 rank."""
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CONFIG = """
+training:
+  train_iters: 12
+  logs: {interval: 1}
+  validation: {interval: 4, iterations: 1}
+  checkpoint: {interval: 3, keep: 2}
+  test_iters: 1
+batch: {micro_batch_size: 2, sequence_length: 32, batch_size: 4}
+data: {format: file, path: DATA, split: [80, 15, 5]}
+optimizer:
+  learning_rate: {base: 1.0e-2, minimum: 1.0e-3, decay_style: cosine, warmup_iterations: 2}
+model:
+  base_model:
+    tie_word_embeddings: false
+    vocab_size: 64
+    transformer:
+      num_layers: 2
+      hidden_size: 32
+      num_attention_heads: 4
+      head_groups: 2
+      ffn_hidden_size: 64
+      gated: true
+      add_linear_biases: false
+      normalization: {type: rms_norm}
+      use_rotary_embeddings: true
+      rotary: {scaling_type: llama3, original_context_length: 16}
+run: {experiment_dir: EXP}
+"""
+
+
+def write_dataset_by_hand(folder: Path) -> Path:
+    """200 documents, each a run of consecutive tokens mod 64 (learnable), written byte by byte from
+    FORMATS.md's layout with struct (dtype code 8, uint16), not with data.py's writer."""
+    rng = np.random.default_rng(0)
+    docs = [[(start + i) % 64 for i in range(size)] for start, size in zip(rng.integers(0, 64, 200), rng.integers(20, 60, 200))]
+    blob = b"".join(struct.pack(f"<{len(d)}H", *d) for d in docs)
+    pointers = np.cumsum([0] + [2 * len(d) for d in docs[:-1]]).tolist()
+    n = len(docs)
+    idx = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, n, n + 1)
+    idx += struct.pack(f"<{n}i", *map(len, docs)) + struct.pack(f"<{n}q", *pointers) + struct.pack(f"<{n + 1}q", *range(n + 1))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hand.bin").write_bytes(blob)
+    (folder / "hand.idx").write_bytes(idx)
+    (folder / "dataset.json").write_text(json.dumps({"datasets": [{"prefix": "hand", "weight": 1.0}]}))
+    return folder / "dataset.json"
+
+
+@pytest.fixture
+def setup(tmp_path):
+    data = write_dataset_by_hand(tmp_path / "data")
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.replace("DATA", str(data)).replace("EXP", str(tmp_path / "exp")))
+    return config, tmp_path / "exp"
+
+
+def metrics(exp: Path, key: str) -> dict[int, float]:
+    lines = [json.loads(l) for l in (exp / "metrics.jsonl").read_text().splitlines()]
+    return {l["step"]: l[key] for l in lines if key in l}
+
+
+def test_tiny_run_learns_and_leaves_everything_behind(setup):
+    config, exp = setup
+    assert train.main([str(config), "training.train_iters=30", "training.checkpoint.interval=10"]) == 0
+    loss = metrics(exp, "loss")
+    assert sorted(loss) == list(range(1, 31))
+    assert loss[1] > 3.5 and loss[30] < 0.5 * loss[1]  # ln(64) = 4.16 at the start, a learnable stream after
+    val = metrics(exp, "val_loss")
+    assert sorted(val) == [4, 8, 12, 16, 20, 24, 28, 30] and val[30] < 0.5 * val[4]
+    assert list(metrics(exp, "test_loss")) == [30]
+    for line in map(json.loads, (exp / "metrics.jsonl").read_text().splitlines()):
+        if "loss" in line:
+            assert {"lr", "grad_norm", "tokens_per_s"} <= set(line)
+    assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["20", "30"]  # keep: 2
+    assert (exp / "config.yaml").exists()
+    weights = load_file(exp / "checkpoints" / "30" / "model.safetensors")
+    assert "lm_head.weight" in weights and weights["embed_tokens.weight"].shape == (64, 32)
+
+
+def test_interrupted_run_resumes_exactly(setup, monkeypatch):
+    config, exp = setup
+    assert train.main([str(config)]) == 0
+    reference = {k: metrics(exp, k) for k in ("loss", "grad_norm", "lr", "val_loss", "test_loss")}
+    final = load_file(exp / "checkpoints" / "12" / "model.safetensors")
+    for p in exp.iterdir():
+        os.system(f"rm -rf {p}")
+
+    real = train.learning_rate
+
+    def crash_at_step_8(c, step, iters):
+        if step == 8:
+            raise KeyboardInterrupt("killed")
+        return real(c, step, iters)
+
+    monkeypatch.setattr(train, "learning_rate", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([str(config)])
+    assert max(metrics(exp, "loss")) == 7  # it logged steps past its last checkpoint (6)
+    monkeypatch.setattr(train, "learning_rate", real)
+    assert train.main([str(config)]) == 0
+    for key, values in reference.items():
+        assert metrics(exp, key) == values, key  # the same numbers, bit for bit, with no duplicated lines
+    resumed = load_file(exp / "checkpoints" / "12" / "model.safetensors")
+    assert all((resumed[k] == v).all() for k, v in final.items())
+    # Run again: complete, nothing to do, nothing changed
+    assert train.main([str(config)]) == 0
+    assert metrics(exp, "loss") == reference["loss"]
+
+
+def test_checkpoint_half_written_is_never_picked(setup, monkeypatch):
+    config, exp = setup
+    real = train.save_file
+
+    def crash_writing_step_9(tensors, path):
+        if "tmp-9" in str(path) and "model" in str(path):
+            raise KeyboardInterrupt("killed mid-write")
+        return real(tensors, path)
+
+    monkeypatch.setattr(train, "save_file", crash_writing_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([str(config)])
+    assert (exp / "checkpoints" / ".tmp-9").exists()
+    assert train.find_checkpoint(exp).name == "6"
+    monkeypatch.setattr(train, "save_file", real)
+    assert train.main([str(config)]) == 0
+    assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["12", "9"]
+
+
+def test_checkpoint_from_another_model_is_refused_and_nothing_changes(setup, capsys):
+    config, exp = setup
+    assert train.main([str(config), "training.train_iters=3"]) == 0
+    before = {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()}
+    code = train.main([str(config), "model.base_model.transformer.hidden_size=48"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "was written by a different model" in err and "48" in err
+    assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
+
+
+def test_missing_dataset_is_a_clear_error_and_writes_nothing(setup, capsys):
+    config, exp = setup
+    assert train.main([str(config), f"data.path={exp.parent / 'nope.json'}"]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    assert not exp.exists()
+
+
+def test_validation_on_an_empty_split_is_refused(setup, capsys):
+    config, exp = setup
+    assert train.main([str(config), "data.split=[1, 0, 0]"]) == 2
+    assert "validation split" in capsys.readouterr().err and not exp.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: torchrun with gloo on the CPU
+
+
+def torchrun(nproc: int, config: Path, *overrides: str):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", str(config), *overrides]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_two_ranks_train_like_one(setup, stage, tmp_path):
+    config, exp = setup
+    common = ["training.train_iters=6", "training.test_iters=0", f"model.multi_stage.zero_stage={stage}"]
+    assert train.main([str(config), *common]) == 0
+    torchrun(2, config, *common, f"run.experiment_dir={tmp_path / 'two'}")
+    one, two = metrics(exp, "loss"), metrics(tmp_path / "two", "loss")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    assert all(abs(one[s] - two[s]) < 1e-5 for s in one), (one, two)
+    a = load_file(exp / "checkpoints" / "6" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoints" / "6" / "model.safetensors")
+    assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+    assert len(list((tmp_path / "two" / "checkpoints" / "6").glob("optimizer-*-of-00002.safetensors"))) == 2
+
+
+def test_resume_from_two_ranks_onto_one(setup, tmp_path):
+    config, exp = setup
+    common = ["training.test_iters=0", "model.multi_stage.zero_stage=2"]
+    assert train.main([str(config), *common]) == 0  # the reference: 12 steps on one rank
+    two = tmp_path / "two"
+    torchrun(2, config, *common, "training.train_iters=6", "optimizer.learning_rate.decay_iterations=12", f"run.experiment_dir={two}")
+    assert train.main([str(config), *common, "optimizer.learning_rate.decay_iterations=12", f"run.experiment_dir={two}"]) == 0
+    one, resumed = metrics(exp, "loss"), metrics(two, "loss")
+    assert sorted(resumed) == list(range(1, 13))
+    assert all(abs(one[s] - resumed[s]) < 1e-5 for s in one), (one, resumed)
