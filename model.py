@@ -9,11 +9,14 @@ below; `kernels.py` holds Triton versions of them that the tests compare against
 The model knows nothing of distribution or optimizers: `train.py` and `zero.py` apply those.
 """
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+
+import kernels
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +79,7 @@ class BaseModelConfig:
     use_position_embeddings: bool | None = None  # learned absolute positions; default: off when rotary is on
     vocab_size: int = 49152  # tokens in the vocabulary
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
-    recompute_layers: int = 0  # (ours) blocks whose activations are recomputed in backward to save memory
+    recompute_layers: int | None = None  # (ours) blocks recomputed in backward to save memory; None: as few as fit (train.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,23 +88,23 @@ class BaseModelConfig:
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight, the statistics in float32, one rounding at the end."""
-    x32 = x.float()
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.to(x32.dtype)).to(x.dtype)
 
 
 def rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (i, i + D/2) of x (batch, tokens, heads, D) by the angles whose
     cos/sin (tokens, D/2, float32) are given: the half-split convention of Hugging Face's rotate_half."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(x1.dtype), sin[:, None, :].to(x1.dtype)  # broadcast over heads
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 def cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits = hidden @ weight.T (tokens x vocab, in float32) against labels;
     labels of -100 are ignored. Holds the full logits: the fused kernel avoids exactly that."""
-    logits = (hidden @ weight.t()).float()
+    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
     return F.cross_entropy(logits, labels, ignore_index=-100)
 
 
@@ -202,6 +205,7 @@ class Llama(nn.Module):
     def __init__(self, config: BaseModelConfig, max_sequence_length: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config, self.max_sequence_length = config, max_sequence_length
+        self.recompute_layers = config.recompute_layers or 0  # the first this many blocks keep only their input
         t = config.transformer
         self.embed_tokens = nn.Embedding(config.vocab_size, t.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(t, dtype) for _ in range(t.num_layers))
@@ -250,7 +254,7 @@ class Llama(nn.Module):
         cos, sin = self.cos[:t], self.sin[:t]
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
-            if i < self.config.recompute_layers and torch.is_grad_enabled():
+            if i < self.recompute_layers and torch.is_grad_enabled():
                 # Keep only the block's input; its activations are recomputed in backward.
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
@@ -268,10 +272,6 @@ def count_parameters(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch: the Triton kernels on CUDA tensors, the twins elsewhere
-
-import os  # noqa: E402  (here, beside the one switch that uses it)
-
-import kernels  # noqa: E402
 
 # LLAMA_KERNELS=0 forces the twins everywhere, to tell a kernel bug from a model bug. Read once.
 USE_KERNELS = os.environ.get("LLAMA_KERNELS", "1") != "0"

@@ -9,6 +9,7 @@ clips by the global norm, updates its float32 shard and all-gathers the new weig
 validate, checkpoint and export on their intervals. Everything the run writes lands in
 `run.experiment_dir`; a run that finds a complete checkpoint there resumes from it exactly.
 """
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -50,7 +51,7 @@ class ValidationConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int | None = None  # steps between checkpoints (the end of training writes one too)
+    interval: int | None = None  # steps between checkpoints, and one at the end; None: off
     keep: int = 5  # newest complete checkpoints kept
 
 
@@ -261,7 +262,7 @@ def validate(c: Config, world_size: int) -> None:
         (m.cross_entropy_impl not in ("auto", "torch", "fused"), f"model.base_model.cross_entropy_impl `{m.cross_entropy_impl}` must be auto, torch or fused"),
         (m.vocab_size < 1, "model.base_model.vocab_size must be at least 1"),
         (m.use_position_embeddings is True, "model.base_model.use_position_embeddings: Llama has no learned positions; set false"),
-        (not 0 <= m.recompute_layers <= tr.num_layers, f"model.base_model.recompute_layers must lie in 0..{tr.num_layers} (transformer.num_layers)"),
+        (m.recompute_layers is not None and not 0 <= m.recompute_layers <= tr.num_layers, f"model.base_model.recompute_layers must lie in 0..{tr.num_layers} (transformer.num_layers), or null: as few as fit"),
         (tr.num_layers < 1 or tr.hidden_size < 1, "model.base_model.transformer.num_layers and hidden_size must be at least 1"),
         (tr.num_attention_heads < 1 or tr.head_groups < 1 or tr.num_attention_heads % tr.head_groups, f"model.base_model.transformer.num_attention_heads ({tr.num_attention_heads}) must be a positive multiple of head_groups ({tr.head_groups})"),
         (tr.kv_channels is None and tr.hidden_size % max(tr.num_attention_heads, 1), "model.base_model.transformer.kv_channels is required when hidden_size is not a multiple of num_attention_heads"),
@@ -397,6 +398,25 @@ def cpu_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def recompute_layers(config: Config, device: torch.device) -> int:
+    """Blocks that recompute their activations in backward: the configured number, or (null) the
+    fewest that let the others keep theirs in the GPU memory still free once weights and optimizer
+    are in place. Each block keeps, per token, its input, the two norm outputs, q, the attention
+    output and o_proj's input copy, the residual (7 x hidden), k and v (2 x kv_heads x head_dim),
+    and the MLP's gate, up, activation and product (4 x ffn) in the training dtype; a recomputed
+    block keeps only its input. The reserve covers one block being recomputed, the loss chunks,
+    the reduce-scatter staging buffers and allocator slack."""
+    m, b = config.model.base_model, config.batch
+    if m.recompute_layers is not None or device.type != "cuda":
+        return m.recompute_layers or 0
+    t, tokens = m.transformer, b.micro_batch_size * b.sequence_length
+    size = tokens * DTYPES[config.model.distributed.training_dtype].itemsize
+    per_block = size * (7 * t.hidden_size + 2 * t.head_groups * t.head_dim + 4 * t.ffn_size)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = free - per_block - 8e9 - 0.05 * total - t.num_layers * size * t.hidden_size
+    return max(0, t.num_layers - max(0, int(budget // (per_block - size * t.hidden_size))))
+
+
 def context_length(config: Config) -> int:
     """Positions the exported model claims: the trained length, or what llama3 scaling stretches to."""
     r = config.model.base_model.transformer.rotary
@@ -444,6 +464,19 @@ class Logger:
                 f.write(json.dumps(metrics) + "\n")
 
 
+@contextlib.contextmanager
+def profiled(active: bool):
+    """LLAMA_PROFILE=FILE: rank 0 profiles its third step and writes the operations by device time."""
+    if not active:
+        yield
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities) as profile:
+        yield
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    Path(os.environ["LLAMA_PROFILE"]).write_text(profile.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
+
+
 @torch.no_grad()
 def evaluate(model, loader: Loader, iterations: int, world: int, device) -> float:
     model.eval()
@@ -482,6 +515,7 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
                           weight_decay=c.weight_decay, zero_stage=config.model.multi_stage.zero_stage)
     if checkpoint:
         load_checkpoint(checkpoint, optimizer, trainer, rank, world)
+    model.recompute_layers = recompute_layers(config, device)
 
     # Nothing was written until here: every check above can fail without touching earlier work.
     if rank == 0:
@@ -497,7 +531,8 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
     flops_per_token = 6 * (n_params - head) + 12 * tr.num_layers * tr.num_attention_heads * tr.head_dim * b.sequence_length
     tokens_per_step = b.batch_size * b.sequence_length
     log(f"{'resuming from ' + str(checkpoint) if checkpoint else 'starting'}: {n_params:,} parameters, "
-        f"{world} rank(s), {tokens_per_step:,} tokens per step, {b.batch_size // (b.micro_batch_size * world)} accumulation steps")
+        f"{world} rank(s), {tokens_per_step:,} tokens per step, {b.batch_size // (b.micro_batch_size * world)} accumulation steps, "
+        f"{model.recompute_layers} of {tr.num_layers} blocks recomputed in backward")
     if step >= t.train_iters:
         log(f"training already complete at step {step}")
         return
@@ -521,18 +556,20 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
 
     # tokens/s counts training steps only; grad_norm's .item() in optimizer.step synchronizes the device.
     interval_loss, interval_steps, interval_time = torch.zeros((), device=device), 0, 0.0
+    profile_step = step + 3 if os.environ.get("LLAMA_PROFILE") and rank == 0 else None
     while step < t.train_iters:
         step += 1
         start = time.perf_counter()
         lr = learning_rate(c.learning_rate, step, t.train_iters)
-        micro_batches = loaders["train"].next_batch()
-        optimizer.zero_grad()
-        for tokens in micro_batches:
-            loss = model(tokens[:, :-1], tokens[:, 1:])
-            # The optimizer sums gradients over micro-batches and ranks: scale so the sum is the mean.
-            (loss / (len(micro_batches) * world)).backward()
-            interval_loss += loss.detach() / len(micro_batches)
-        grad_norm = optimizer.step(lr, c.gradient_norm_clipping)
+        with profiled(step == profile_step):
+            micro_batches = loaders["train"].next_batch()
+            optimizer.zero_grad()
+            for tokens in micro_batches:
+                loss = model(tokens[:, :-1], tokens[:, 1:])
+                # The optimizer sums gradients over micro-batches and ranks: scale so the sum is the mean.
+                (loss / (len(micro_batches) * world)).backward()
+                interval_loss += loss.detach() / len(micro_batches)
+            grad_norm = optimizer.step(lr, c.gradient_norm_clipping)
         interval_steps, interval_time = interval_steps + 1, interval_time + time.perf_counter() - start
 
         if step % t.logs.interval == 0 or step == t.train_iters:
@@ -556,7 +593,7 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
             log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)
         if t.export.interval is not None and (step % t.export.interval == 0 or last):
             write_export()
-        if (t.checkpoint.interval is not None and step % t.checkpoint.interval == 0) or last:
+        if t.checkpoint.interval is not None and (step % t.checkpoint.interval == 0 or last):
             write_checkpoint()
     for loader in loaders.values():
         loader.close()

@@ -202,3 +202,19 @@ def test_resume_from_two_ranks_onto_one(setup, tmp_path):
     one, resumed = metrics(exp, "loss"), metrics(two, "loss")
     assert sorted(resumed) == list(range(1, 13))
     assert all(abs(one[s] - resumed[s]) < 1e-5 for s in one), (one, resumed)
+
+
+@pytest.mark.gpu
+def test_bf16_zero2_on_gpu_learns_the_same_with_kernels_on_and_off(setup, monkeypatch):
+    import model
+
+    config, exp = setup
+    common = [str(config), "training.train_iters=30", "model.distributed.training_dtype=bf16", "model.multi_stage.zero_stage=2"]
+    assert train.main(common) == 0
+    monkeypatch.setattr(model, "USE_KERNELS", False)
+    assert train.main(common + [f"run.experiment_dir={exp}-twins"]) == 0
+    on, off = metrics(exp, "loss"), metrics(Path(f"{exp}-twins"), "loss")
+    assert on[30] < 0.5 * on[1] and off[30] < 0.5 * off[1]
+    for step in range(1, 31):  # bf16 rounding differs between kernels and twins, and grows with training
+        assert abs(on[step] - off[step]) < (0.02 if step <= 5 else 0.1) * off[step], (step, on[step], off[step])
+    assert all(0 < v < 1 for v in metrics(exp, "mfu").values()) and metrics(exp, "memory_gb")

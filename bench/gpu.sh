@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks in one go, results under $OUT (the device tool's output folder).
+#   bash bench/gpu.sh checks     gpu-marked tests, the tiny demo on one GPU, the matmul/copy ceilings,
+#                                ZeRO-2 weak scaling on 1, 2, 4 GPUs (8B shapes, 4 layers)
+#   bash bench/gpu.sh seed N     the seed recipe on N GPUs (per-GPU work as on 8: micro-batch 4 x 4096,
+#                                batch 480, accumulation 480 / (4 N)), random data, profile of step 3
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1 | tee "$OUT/card.txt"
+seed="config/llama3_8b.yaml data.format=random training.validation.interval=null training.checkpoint.interval=null training.export.interval=null training.logs.interval=1"
+case "$1" in
+checks)
+  timeout 180 python -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+  (python data.py prepare --demo --output /tmp/demo >/dev/null && python train.py config/tiny.yaml data.path=/tmp/demo/fast_llm_dataset.json run.experiment_dir=/tmp/tiny) 2>&1 | tail -8 | tee "$OUT/tiny.txt"
+  python bench/ceilings.py | tee "$OUT/ceilings.txt"
+  for n in 1 2 4; do
+    torchrun --standalone --nproc_per_node=$n train.py $seed model.base_model.transformer.num_layers=4 \
+      model.base_model.recompute_layers=0 batch.batch_size=$((16 * n)) training.train_iters=8 run.experiment_dir=/tmp/weak$n 2>&1 \
+      | grep -E "^(step|starting|error)|Error" | tee "$OUT/weak$n.txt"
+  done ;;
+seed)
+  n=$2
+  LLAMA_PROFILE=$OUT/profile_seed.txt torchrun --standalone --nproc_per_node=$n train.py $seed training.train_iters=${3:-4} \
+    run.experiment_dir=/tmp/seed 2>&1 | grep -vE "^\s*$" | tail -20 | tee "$OUT/seed$n.txt" ;;
+esac
