@@ -125,7 +125,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"), [])
-    with pytest.raises(ConfigError, match="is not valid YAML.*line 2"):
+    with pytest.raises(ConfigError, match="is not valid YAML at line 3, column 1: expected ',' or ']'"):
         load_config(write(tmp_path, "training:\n  train_iters: [1\n"), [])
 
 
