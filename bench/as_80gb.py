@@ -14,5 +14,6 @@ device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 total = torch.cuda.get_device_properties(device).total_memory
 capacity = 81559 * 2**20  # nvidia-smi's memory.total of an H100 80GB HBM3
 filler = torch.empty(max(0, total - capacity), dtype=torch.uint8, device=device)
-torch.cuda.reset_peak_memory_stats(device)  # the peak logged is then the run's own, to compare with 80 GB
+if device.index == 0:
+    print(f"filler: {filler.numel() / 1e9:.1f} GB taken, {capacity / 1e9:.1f} GB left for the run (peaks below include the filler)", flush=True)
 sys.exit(train.main(sys.argv[1:]))
