@@ -166,6 +166,32 @@ def test_validation_on_an_empty_split_is_refused(setup, capsys):
     assert "validation split" in capsys.readouterr().err and not exp.exists()
 
 
+def test_continuing_from_a_transformers_model_starts_at_its_loss(setup, tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data import Data, DataConfig
+
+    config, exp = setup
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    reference = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=False, max_position_embeddings=32,
+    ))
+    reference.save_pretrained(tmp_path / "hf")
+    # The architecture comes from config.json alone: the YAML's model section goes.
+    text = config.read_text()
+    config.write_text(text[: text.index("model:")] + text[text.index("run:"):] + f"pretrained: {{path: {tmp_path / 'hf'}}}\n")
+    assert train.main([str(config), "training.train_iters=1", "training.validation.interval=null", "training.test_iters=0"]) == 0
+    tokens = Data(DataConfig(path=str(tmp_path / "data" / "dataset.json"), split=[80, 15, 5]), 32, 64, seed=1234).samples("train", 0, 4)
+    with torch.no_grad():
+        logits = reference(tokens[:, :-1]).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+    assert metrics(exp, "loss")[1] == pytest.approx(expected, abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Several processes: torchrun with gloo on the CPU
 
