@@ -399,13 +399,11 @@ def cpu_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def recompute_layers(config: Config, device: torch.device) -> int:
-    """Blocks that recompute their activations in backward: the configured number, or (null) the
-    fewest that let the others keep theirs in the GPU memory still free once weights and optimizer
-    are in place. Each block keeps, per token, its input, the two norm outputs, q, the attention
-    output and o_proj's input copy, the residual (7 x hidden), k and v (2 x kv_heads x head_dim),
-    and the MLP's gate, up, activation and product (4 x ffn) in the training dtype; a recomputed
-    block keeps only its input. The reserve covers one block being recomputed, the loss chunks,
-    the reduce-scatter staging buffers and allocator slack."""
+    """The configured number of recomputed blocks, or (null) the fewest that let the others keep their
+    activations in the GPU memory left once weights and optimizer are in place. Per token a block keeps
+    7 x hidden (input, 2 norm outputs, q, attention output, o_proj's input, residual), k and v, and
+    4 x ffn (gate, up, activation, product); a recomputed one keeps its input. The reserve covers one
+    block being recomputed, the loss chunks, the reduce-scatter staging and allocator slack."""
     m, b = config.model.base_model, config.batch
     if m.recompute_layers is not None or device.type != "cuda":
         return m.recompute_layers or 0
@@ -456,10 +454,9 @@ class Logger:
             tmp.replace(path)
 
     def __call__(self, text: str, **metrics):
-        if self.rank != 0:
-            return
-        print(text, flush=True)
-        if metrics:
+        if self.rank == 0:
+            print(text, flush=True)
+        if self.rank == 0 and metrics:
             with self.path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
@@ -492,14 +489,13 @@ def evaluate(model, loader: Loader, iterations: int, world: int, device) -> floa
 def train(config: Config, rank: int, world: int, device: torch.device) -> None:
     t, b = config.training, config.batch
     exp = Path(config.run.experiment_dir)
-    dtype = DTYPES[config.model.distributed.training_dtype]
     checkpoint = find_checkpoint(exp)
     trainer = check_checkpoint(checkpoint, config) if checkpoint else {"step": 0, "consumed": {"train": 0, "validation": 0}}
 
     # Model: built on meta, materialized and initialized on the device, the same on every rank.
     torch.manual_seed(config.model.distributed.seed)
     with torch.device("meta"):
-        model = Llama(config.model.base_model, b.sequence_length, dtype)
+        model = Llama(config.model.base_model, b.sequence_length, DTYPES[config.model.distributed.training_dtype])
     model.init_weights(device)
     if config.pretrained is not None and config.pretrained.model_weights and checkpoint is None:
         export.load_llama_weights(model, config.pretrained.path)
@@ -536,10 +532,6 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
     if step >= t.train_iters:
         log(f"training already complete at step {step}")
         return
-
-    def run_validation():
-        loss = evaluate(model, loaders["validation"], t.validation.iterations, world, device)
-        log(f"step {step} | validation loss {loss:.4f}", step=step, val_loss=loss)
 
     def write_checkpoint():
         consumed = {s: loader.consumed_samples for s, loader in loaders.items()}
@@ -586,10 +578,12 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
 
         last = step == t.train_iters
         if t.validation.interval is not None and (step % t.validation.interval == 0 or last):
-            run_validation()
+            loss = evaluate(model, loaders["validation"], t.validation.iterations, world, device)
+            log(f"step {step} | validation loss {loss:.4f}", step=step, val_loss=loss)
         if last and t.test_iters:
             test = Loader(data, "test", 0, b.batch_size, b.micro_batch_size, rank, world, device)
             loss = evaluate(model, test, t.test_iters, world, device)
+            test.close()
             log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)
         if t.export.interval is not None and (step % t.export.interval == 0 or last):
             write_export()
@@ -617,9 +611,8 @@ def main(argv: list[str]) -> int:
                 model = Llama(config.model.base_model, config.batch.sequence_length)
             b = config.batch
             if rank == 0:
-                print(f"parameters: {count_parameters(model)}")
-                print(f"tokens per step: {b.batch_size * b.sequence_length}")
-                print(f"accumulation steps: {b.batch_size // (b.micro_batch_size * world)}")
+                print(f"parameters: {count_parameters(model)}\ntokens per step: {b.batch_size * b.sequence_length}\n"
+                      f"accumulation steps: {b.batch_size // (b.micro_batch_size * world)}")
             return 0
         device = torch.device("cpu")
         if torch.cuda.is_available():
