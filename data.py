@@ -179,6 +179,17 @@ class DataConfig:
     path: str | None = None  # the dataset JSON (required for "file"); prefixes inside are relative to its folder
     split: list[float] = field(default_factory=lambda: [969, 30, 1])  # train / validation / test weights, normalized
 
+    def errors(self) -> list[str]:
+        """What is wrong with these values (train.py reports them with the rest of the config)."""
+        split = self.split
+        return [message for failed, message in [
+            (self.format not in ("file", "random"), f"data.format: {self.format!r} is not one of 'file' (a dataset JSON) or 'random'."),
+            (self.format == "file" and self.path is None, "data.path: required when data.format is 'file'; give the dataset "
+             "JSON that `python data.py prepare` wrote (e.g. data/demo/fast_llm_dataset.json)."),
+            (len(split) != 3 or not all(0 <= w < float("inf") for w in split) or sum(split) <= 0,
+             f"data.split: {split} must be three non-negative weights (train, validation, test) with a positive sum, e.g. [969, 30, 1]."),
+        ] if failed]
+
 
 def split_boundaries(num_documents: int, split) -> np.ndarray:
     """Document boundaries [0, a, b, n]: split s is documents boundaries[s] .. boundaries[s+1]-1."""
@@ -231,12 +242,9 @@ class Data:
 
     def __init__(self, config: DataConfig, sequence_length: int, vocab_size: int, seed: int,
                  cache_dir: str | Path | None = None):
-        if config.format not in ("file", "random"):
-            raise DataError(f"data.format: {config.format!r} is not one of 'file' (a dataset JSON) or 'random'.")
+        if errors := config.errors():
+            raise DataError(" ".join(errors))
         split = config.split
-        if len(split) != 3 or not all(0 <= w < float("inf") for w in split) or sum(split) <= 0:
-            raise DataError(f"data.split: {split} must be three non-negative weights (train, validation, test) "
-                            f"with a positive sum, e.g. [969, 30, 1].")
         self.config, self.sequence_length, self.vocab_size = config, sequence_length, vocab_size
         self.seed = seed % 2**63  # numpy seeds are non-negative
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -245,9 +253,6 @@ class Data:
         self._lock = threading.Lock()  # a prefetch thread and the main thread may both read
         if config.format == "random":
             return
-        if config.path is None:
-            raise DataError("data.path: required when data.format is 'file'; give the dataset JSON that "
-                            "`python data.py prepare` wrote (e.g. data/demo/fast_llm_dataset.json).")
         path = Path(config.path)
         datasets = read_dataset_json(path)
         self.tokenizer_path = path.parent / "tokenizer.json" if (path.parent / "tokenizer.json").is_file() else None

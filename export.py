@@ -308,7 +308,13 @@ def export_checkpoint(checkpoint, output_dir, **kwargs) -> Path:
         state_dict = load_file(checkpoint / "model.safetensors")
     except SafetensorError as e:
         raise ExportError(f"{checkpoint / 'model.safetensors'}: not a readable safetensors file ({e}).") from None
-    return export_llama(state_dict, config, output_dir, max_position_embeddings=trainer["sequence_length"], **kwargs)
+    return export_llama(state_dict, config, output_dir, max_position_embeddings=context_length(config, trainer["sequence_length"]), **kwargs)
+
+
+def context_length(config: BaseModelConfig, sequence_length: int) -> int:
+    """max_position_embeddings: the trained length, or what llama3 scaling stretches the original context to."""
+    r = config.transformer.rotary
+    return max(sequence_length, int(r.original_context_length * r.scale_factor) if r.scaling_type == "llama3" else 0)
 
 
 def parse_size(text: str) -> int:

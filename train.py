@@ -235,8 +235,7 @@ def validate(c: Config, world_size: int) -> None:
     t, m = c.training, c.model.base_model
     tr = m.transformer
     checks = [
-        (t.train_iters is None, "training.train_iters is required"),
-        (t.train_iters is not None and t.train_iters < 1, "training.train_iters must be at least 1"),
+        (t.train_iters is None or t.train_iters < 1, f"training.train_iters is required and must be at least 1, got {t.train_iters}"),
         (t.logs.interval < 1, "training.logs.interval must be at least 1"),
         (t.validation.interval is not None and t.validation.interval < 1, "training.validation.interval must be at least 1 (or null: off)"),
         (t.validation.interval is not None and (t.validation.iterations or 0) < 1, "training.validation.iterations must be at least 1 when validation.interval is set"),
@@ -248,9 +247,7 @@ def validate(c: Config, world_size: int) -> None:
         (c.batch.micro_batch_size < 1, "batch.micro_batch_size must be at least 1"),
         (c.batch.sequence_length < 1, "batch.sequence_length must be at least 1"),
         (c.batch.batch_size is None, "batch.batch_size is required"),
-        (c.data.format not in ("file", "random"), f"data.format `{c.data.format}` must be `file` or `random`"),
-        (c.data.format == "file" and not c.data.path, "data.path is required when data.format is `file`"),
-        (len(c.data.split) != 3 or min(c.data.split) < 0 or sum(c.data.split) <= 0, f"data.split {c.data.split} must be three non-negative weights (train, validation, test) with a positive sum"),
+        *((True, message) for message in c.data.errors()),
         (c.optimizer.learning_rate.base < 0 or c.optimizer.learning_rate.minimum < 0, "optimizer.learning_rate.base and .minimum must not be negative"),
         (c.optimizer.learning_rate.decay_style not in SCHEDULES, f"optimizer.learning_rate.decay_style `{c.optimizer.learning_rate.decay_style}` must be one of {', '.join(SCHEDULES)}"),
         (c.optimizer.learning_rate.warmup_iterations < 0, "optimizer.learning_rate.warmup_iterations must not be negative"),
@@ -279,8 +276,7 @@ def validate(c: Config, world_size: int) -> None:
         (c.model.multi_stage.zero_stage not in (1, 2), "model.multi_stage.zero_stage must be 1 or 2"),
         (c.model.distributed.training_dtype not in DTYPES, f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of {', '.join(DTYPES)}"),
         (c.run.experiment_dir is None, "run.experiment_dir is required"),
-        (c.pretrained is not None and c.pretrained.format != "llama", "pretrained.format must be `llama`"),
-        (c.pretrained is not None and not c.pretrained.path, "pretrained.path is required"),
+        (c.pretrained is not None and (c.pretrained.format != "llama" or not c.pretrained.path), "pretrained.format must be `llama` and pretrained.path is required"),
     ]
     errors = [message for failed, message in checks if failed]
     b = c.batch
@@ -415,13 +411,6 @@ def recompute_layers(config: Config, device: torch.device) -> int:
     return max(0, t.num_layers - max(0, int(budget // (per_block - size * t.hidden_size))))
 
 
-def context_length(config: Config) -> int:
-    """Positions the exported model claims: the trained length, or what llama3 scaling stretches to."""
-    r = config.model.base_model.transformer.rotary
-    scaled = int(r.original_context_length * r.scale_factor) if r.scaling_type == "llama3" else 0
-    return max(config.batch.sequence_length, scaled)
-
-
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers (no-ops in one process)
 
@@ -521,10 +510,10 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
     step, consumed = trainer["step"], trainer["consumed"]
     loaders = {s: Loader(data, s, consumed.get(s, 0), b.batch_size, b.micro_batch_size, rank, world, device)
                for s in ("train", "validation")}
-    n_params = count_parameters(model)
-    head = model.embed_tokens.weight.numel() if not config.model.base_model.tie_word_embeddings else 0
-    tr = config.model.base_model.transformer
-    flops_per_token = 6 * (n_params - head) + 12 * tr.num_layers * tr.num_attention_heads * tr.head_dim * b.sequence_length
+    # PERF.md: 6 N + 12 L H Q T, N without the input embedding (a tied one counts as the head).
+    n_params, tr = count_parameters(model), config.model.base_model.transformer
+    embedding = 0 if config.model.base_model.tie_word_embeddings else model.embed_tokens.weight.numel()
+    flops_per_token = 6 * (n_params - embedding) + 12 * tr.num_layers * tr.num_attention_heads * tr.head_dim * b.sequence_length
     tokens_per_step = b.batch_size * b.sequence_length
     log(f"{'resuming from ' + str(checkpoint) if checkpoint else 'starting'}: {n_params:,} parameters, "
         f"{world} rank(s), {tokens_per_step:,} tokens per step, {b.batch_size // (b.micro_batch_size * world)} accumulation steps, "
@@ -542,7 +531,7 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
         if rank == 0:
             # overwrite: a run that crashed after an export but before its checkpoint writes it again.
             out = export.export_llama(cpu_state_dict(model), config.model.base_model, exp / "export" / "llama" / str(step),
-                                      max_position_embeddings=context_length(config), tokenizer_path=data.tokenizer_path, overwrite=True)
+                                      max_position_embeddings=export.context_length(config.model.base_model, b.sequence_length), tokenizer_path=data.tokenizer_path, overwrite=True)
             log(f"step {step} | exported to {out}")
         barrier()
 

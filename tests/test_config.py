@@ -71,13 +71,13 @@ run: {experiment_dir: EXP}
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["training.train_iters=0"], "training.train_iters must be at least 1"),
+    (["training.train_iters=0"], "training.train_iters is required and must be at least 1, got 0"),
     (["training.logs.interval=-5"], "training.logs.interval must be at least 1"),
     (["training.checkpoint.interval=-1"], "training.checkpoint.interval must be at least 1"),
     (["training.validation.interval=5"], "training.validation.iterations must be at least 1 when validation.interval is set"),
-    (["data.split=[1, -1, 0]"], "data.split [1.0, -1.0, 0.0] must be three non-negative weights"),
-    (["data.format=files"], "data.format `files` must be `file` or `random`"),
-    (["data.format=file"], "data.path is required when data.format is `file`"),
+    (["data.split=[1, -1, 0]"], "data.split: [1.0, -1.0, 0.0] must be three non-negative weights"),
+    (["data.format=files"], "data.format: 'files' is not one of 'file' (a dataset JSON) or 'random'"),
+    (["data.format=file"], "data.path: required when data.format is 'file'"),
     (["optimizer.learning_rate.decay_style=cosin"], "decay_style `cosin` must be one of constant, linear, cosine, power"),
     (["optimizer.beta_2=1.5"], "optimizer.beta_1 and beta_2 must lie in [0, 1)"),
     (["model.base_model.transformer.head_groups=3"], "num_attention_heads (8) must be a positive multiple of head_groups (3)"),
@@ -95,7 +95,7 @@ def test_impossible_values(tmp_path, overrides, message):
 
 def test_every_problem_is_reported_at_once(tmp_path):
     text = error(tmp_path, BASE, ["training.train_iters=0", "optimizer.epsilon=0"])
-    assert "train_iters must be at least 1" in text and "optimizer.epsilon must be positive" in text
+    assert "train_iters is required and must be at least 1, got 0" in text and "optimizer.epsilon must be positive" in text
 
 
 def test_batch_that_does_not_divide_says_what_fits(tmp_path):
@@ -111,7 +111,7 @@ def test_batch_that_does_not_divide_says_what_fits(tmp_path):
 
 def test_required_keys(tmp_path):
     text = error(tmp_path, "data: {format: random}")
-    for key in ("training.train_iters is required", "batch.batch_size is required", "run.experiment_dir is required"):
+    for key in ("training.train_iters is required and must be at least 1, got None", "batch.batch_size is required", "run.experiment_dir is required"):
         assert key in text
 
 
