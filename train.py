@@ -381,7 +381,10 @@ def load_checkpoint(checkpoint: Path, optimizer, trainer: dict, rank: int, world
     if len(files) != trainer["world_size"]:
         raise ConfigError(f"{checkpoint} should hold {trainer['world_size']} optimizer shards, found {len(files)}")
     shards = [safe_open(f, framework="pt", device="cpu") for f in files]
-    optimizer.load_sharded_state(shards)
+    try:
+        optimizer.load_sharded_state(shards)
+    except ValueError as e:  # a damaged or foreign optimizer shard
+        raise ConfigError(f"{checkpoint}: {e}") from None
     if world == trainer["world_size"]:  # the same ranks continue with their own random streams
         own = shards[rank]
         torch.set_rng_state(own.get_tensor("rng/cpu"))
@@ -465,13 +468,11 @@ def profiled(active: bool):
 
 @torch.no_grad()
 def evaluate(model, loader: Loader, iterations: int, world: int, device) -> float:
-    model.eval()
     total, count = torch.zeros((), device=device), 0
     for _ in range(iterations):
         for tokens in loader.next_batch():
             total += model(tokens[:, :-1], tokens[:, 1:])
             count += 1
-    model.train()
     return all_reduce_mean(total / count, world)
 
 

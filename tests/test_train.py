@@ -153,6 +153,21 @@ def test_checkpoint_from_another_model_is_refused_and_nothing_changes(setup, cap
     assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
 
 
+def test_damaged_optimizer_shard_is_a_clear_error(setup, capsys):
+    from safetensors.torch import save_file
+
+    config, exp = setup
+    assert train.main([str(config), "training.train_iters=3"]) == 0
+    shard = exp / "checkpoints" / "3" / "optimizer-00000-of-00001.safetensors"
+    tensors = load_file(shard)
+    del tensors["exp_avg_sq/norm.weight"]
+    save_file(tensors, shard)
+    assert train.main([str(config), "training.train_iters=6"]) == 2
+    err = capsys.readouterr().err
+    assert str(exp / "checkpoints" / "3") in err and "exp_avg_sq/norm.weight" in err and "Traceback" not in err
+    assert max(metrics(exp, "loss")) == 3
+
+
 def test_missing_dataset_is_a_clear_error_and_writes_nothing(setup, capsys):
     config, exp = setup
     assert train.main([str(config), f"data.path={exp.parent / 'nope.json'}"]) == 2
