@@ -207,6 +207,39 @@ def test_continuing_from_a_transformers_model_starts_at_its_loss(setup, tmp_path
     assert metrics(exp, "loss")[1] == pytest.approx(expected, abs=1e-5)
 
 
+def test_demo_pipeline_exports_a_model_that_transformers_generates_with(tmp_path):
+    """README's demo, shortened: prepare the Shakespeare dataset, train config/tiny.yaml, load the
+    export with the Auto classes and generate."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = subprocess.run([sys.executable, "data.py", "prepare", "--demo", "--output", str(tmp_path / "demo")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    exp = tmp_path / "exp"
+    assert train.main([str(ROOT / "config" / "tiny.yaml"), f"data.path={tmp_path / 'demo' / 'fast_llm_dataset.json'}",
+                       f"run.experiment_dir={exp}", "training.train_iters=6", "training.export.interval=6",
+                       "training.validation.interval=null", "training.test_iters=0", "training.checkpoint.interval=null"]) == 0
+    folder = exp / "export" / "llama" / "6"
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    prompt = tokenizer("ROMEO.", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 12
+    assert tokenizer.decode(generated[0]).replace("<|begin_of_text|>", "").startswith("ROMEO.")
+    assert tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:])  # new text, whatever 6 steps taught it
+    # What transformers computes from the export is what our model computes from the same weights.
+    import export
+    from model import Llama
+
+    with torch.device("meta"):
+        ours = Llama(train.load_config(str(ROOT / "config" / "tiny.yaml"), []).model.base_model, 128)
+    ours.init_weights("cpu")
+    export.load_llama_weights(ours, folder)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(prompt["input_ids"]), model(**prompt).logits, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Several processes: torchrun with gloo on the CPU
 
