@@ -37,19 +37,10 @@ BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama 3's special tokens, u
 def hf_config(config: BaseModelConfig, max_position_embeddings: int, dtype: torch.dtype) -> dict:
     """The config.json of `config`, with the published Llama-3.1 keys; refuses what HF Llama can't express."""
     t, r = config.transformer, config.transformer.rotary
-    checks = [  # (key under model.base_model, value, fine?, what Llama needs)
-        ("transformer.normalization.type", t.normalization.type, t.normalization.type == "rms_norm", "rms_norm"),
-        ("transformer.gated", t.gated, t.gated, "Llama's MLP is gated"),
-        ("transformer.use_rotary_embeddings", t.use_rotary_embeddings, t.use_rotary_embeddings, "true"),
-        ("use_position_embeddings", config.use_position_embeddings, not config.use_position_embeddings, "false"),
-        ("transformer.activation_type", t.activation, t.activation in HF_ACTIVATIONS, f"one of {list(HF_ACTIVATIONS)}"),
-        ("transformer.rotary.scaling_type", r.scaling_type, r.scaling_type in ("none", "llama3"), "none or llama3"),
-        ("transformer.head_groups", t.head_groups, t.num_attention_heads % t.head_groups == 0, "must divide heads"),
-        # transformers' LlamaConfig checks this even when head_dim is given explicitly.
-        ("transformer.hidden_size", t.hidden_size, t.hidden_size % t.num_attention_heads == 0,
-         "transformers needs a multiple of num_attention_heads"),
-    ]
-    if problems := [f"model.base_model.{k} is {v!r} ({need})" for k, v, ok, need in checks if not ok]:
+    problems = config.errors()  # what model.py can't build; then what transformers' LlamaConfig refuses
+    if t.hidden_size % max(t.num_attention_heads, 1):  # checked by transformers even when head_dim is given
+        problems.append(f"model.base_model.transformer.hidden_size {t.hidden_size} must be a multiple of num_attention_heads for transformers")
+    if problems:
         raise ExportError("Hugging Face Llama cannot express this model: " + "; ".join(problems) + ".")
     rope_scaling = None if r.scaling_type == "none" else {
         "rope_type": "llama3", "factor": float(r.scale_factor), "low_freq_factor": float(r.low_frequency_factor),

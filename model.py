@@ -81,6 +81,30 @@ class BaseModelConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     recompute_layers: int | None = None  # (ours) blocks recomputed in backward to save memory; None: as few as fit (train.py)
 
+    def errors(self) -> list[str]:
+        """What is wrong with these values, or what Llama (this model, a Hugging Face Llama) can't be."""
+        t, k = self.transformer, "model.base_model.transformer"
+        r = t.rotary
+        return [message for failed, message in [
+            (self.cross_entropy_impl not in ("auto", "torch", "fused"), f"model.base_model.cross_entropy_impl `{self.cross_entropy_impl}` must be auto, torch or fused"),
+            (self.vocab_size < 1, "model.base_model.vocab_size must be at least 1"),
+            (self.use_position_embeddings is True, "model.base_model.use_position_embeddings: Llama has no learned positions; set false"),
+            (self.recompute_layers is not None and not 0 <= self.recompute_layers <= t.num_layers, f"model.base_model.recompute_layers must lie in 0..{t.num_layers} (transformer.num_layers), or null: as few as fit"),
+            (t.num_layers < 1 or t.hidden_size < 1, f"{k}.num_layers and hidden_size must be at least 1"),
+            (t.num_attention_heads < 1 or t.head_groups < 1 or t.num_attention_heads % t.head_groups, f"{k}.num_attention_heads ({t.num_attention_heads}) must be a positive multiple of head_groups ({t.head_groups})"),
+            (t.kv_channels is None and t.hidden_size % max(t.num_attention_heads, 1), f"{k}.kv_channels is required when hidden_size is not a multiple of num_attention_heads"),
+            (t.head_dim % 2 or t.head_dim < 2, f"{k} head dimension {t.head_dim} (kv_channels) must be even for rotary"),
+            (t.ffn_size < 1, f"{k}.ffn_hidden_size must be at least 1"),
+            (not t.gated, f"{k}.gated: Llama's MLP is gated (SwiGLU); set true"),
+            (t.activation not in ACTIVATIONS, f"{k}.activation_type `{t.activation}` must be silu, gelu, relu or squared_relu"),
+            (t.normalization.type != "rms_norm", f"{k}.normalization.type `{t.normalization.type}`: Llama uses rms_norm; set it"),
+            (t.normalization.epsilon <= 0, f"{k}.normalization.epsilon must be positive"),
+            (not t.use_rotary_embeddings, f"{k}.use_rotary_embeddings: Llama uses rotary embeddings; set true"),
+            (r.scaling_type not in ("none", "llama3"), f"{k}.rotary.scaling_type `{r.scaling_type}` must be none or llama3"),
+            (r.scaling_type == "llama3" and not (0 < r.low_frequency_factor < r.high_frequency_factor and r.scale_factor > 0 and r.original_context_length > 0), f"{k}.rotary: llama3 scaling needs 0 < low_frequency_factor < high_frequency_factor, and positive scale_factor and original_context_length"),
+            (t.init_method_std is not None and t.init_method_std <= 0, f"{k}.init_method_std must be positive"),
+        ] if failed]
+
 
 # ---------------------------------------------------------------------------------------------
 # Pure-torch reference ops: the twins of the Triton kernels
@@ -291,8 +315,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str) -> torch.Tensor:
     """impl: `torch` the twin (full float32 logits), `fused` the chunked kernel, `auto` fused on a GPU."""
-    if impl not in ("auto", "fused", "torch"):
-        raise ValueError(f"model.base_model.cross_entropy_impl: {impl!r}; expected auto, fused or torch")
     # `fused` on a CPU tensor: compiled Triton needs a GPU, so the kernel runs only under Triton's
     # interpreter (TRITON_INTERPRET=1 before import, as the tests do); otherwise the twin.
     fused = hidden.is_cuda if impl == "auto" else impl == "fused" and (hidden.is_cuda or kernels.INTERPRETED)

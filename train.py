@@ -233,7 +233,6 @@ def merge(base: dict, over: dict) -> dict:
 def validate(c: Config, world_size: int) -> None:
     """Values the types alone don't rule out; every problem found is reported at once."""
     t, m = c.training, c.model.base_model
-    tr = m.transformer
     checks = [
         (t.train_iters is None or t.train_iters < 1, f"training.train_iters is required and must be at least 1, got {t.train_iters}"),
         (t.logs.interval < 1, "training.logs.interval must be at least 1"),
@@ -256,23 +255,7 @@ def validate(c: Config, world_size: int) -> None:
         (c.optimizer.epsilon <= 0, "optimizer.epsilon must be positive"),
         (c.optimizer.weight_decay < 0, "optimizer.weight_decay must not be negative"),
         (c.optimizer.gradient_norm_clipping < 0, "optimizer.gradient_norm_clipping must not be negative (0: off)"),
-        (m.cross_entropy_impl not in ("auto", "torch", "fused"), f"model.base_model.cross_entropy_impl `{m.cross_entropy_impl}` must be auto, torch or fused"),
-        (m.vocab_size < 1, "model.base_model.vocab_size must be at least 1"),
-        (m.use_position_embeddings is True, "model.base_model.use_position_embeddings: Llama has no learned positions; set false"),
-        (m.recompute_layers is not None and not 0 <= m.recompute_layers <= tr.num_layers, f"model.base_model.recompute_layers must lie in 0..{tr.num_layers} (transformer.num_layers), or null: as few as fit"),
-        (tr.num_layers < 1 or tr.hidden_size < 1, "model.base_model.transformer.num_layers and hidden_size must be at least 1"),
-        (tr.num_attention_heads < 1 or tr.head_groups < 1 or tr.num_attention_heads % tr.head_groups, f"model.base_model.transformer.num_attention_heads ({tr.num_attention_heads}) must be a positive multiple of head_groups ({tr.head_groups})"),
-        (tr.kv_channels is None and tr.hidden_size % max(tr.num_attention_heads, 1), "model.base_model.transformer.kv_channels is required when hidden_size is not a multiple of num_attention_heads"),
-        (tr.head_dim % 2 or tr.head_dim < 2, f"model.base_model.transformer head dimension {tr.head_dim} (kv_channels) must be even for rotary"),
-        (tr.ffn_size < 1, "model.base_model.transformer.ffn_hidden_size must be at least 1"),
-        (not tr.gated, "model.base_model.transformer.gated: Llama's MLP is gated (SwiGLU); set true"),
-        (tr.activation not in ("silu", "gelu", "relu", "squared_relu"), f"model.base_model.transformer.activation_type `{tr.activation}` must be silu, gelu, relu or squared_relu"),
-        (tr.normalization.type != "rms_norm", f"model.base_model.transformer.normalization.type `{tr.normalization.type}`: Llama uses rms_norm; set it"),
-        (tr.normalization.epsilon <= 0, "model.base_model.transformer.normalization.epsilon must be positive"),
-        (not tr.use_rotary_embeddings, "model.base_model.transformer.use_rotary_embeddings: Llama uses rotary embeddings; set true"),
-        (tr.rotary.scaling_type not in ("none", "llama3"), f"model.base_model.transformer.rotary.scaling_type `{tr.rotary.scaling_type}` must be none or llama3"),
-        (tr.rotary.scaling_type == "llama3" and not (0 < tr.rotary.low_frequency_factor < tr.rotary.high_frequency_factor and tr.rotary.scale_factor > 0 and tr.rotary.original_context_length > 0), "model.base_model.transformer.rotary: llama3 scaling needs 0 < low_frequency_factor < high_frequency_factor, and positive scale_factor and original_context_length"),
-        (tr.init_method_std is not None and tr.init_method_std <= 0, "model.base_model.transformer.init_method_std must be positive"),
+        *((True, message) for message in m.errors()),
         (c.model.multi_stage.zero_stage not in (1, 2), "model.multi_stage.zero_stage must be 1 or 2"),
         (c.model.distributed.training_dtype not in DTYPES, f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of {', '.join(DTYPES)}"),
         (c.run.experiment_dir is None, "run.experiment_dir is required"),

@@ -333,7 +333,7 @@ def test_export_refuses_bad_input_and_writes_nothing(tmp_path):
     with pytest.raises(ExportError, match=r"model.norm.weight has shape \[32\], the config expects \[64\]"):
         export_llama(dict(state, **{"norm.weight": torch.ones(32)}), config, out, max_position_embeddings=SEQ)
     layer_norm = dataclasses.replace(config.transformer, normalization=NormalizationConfig("layer_norm"), gated=False)
-    with pytest.raises(ExportError, match=r"normalization.type is 'layer_norm' \(rms_norm\); model.base_model.transformer.gated"):
+    with pytest.raises(ExportError, match=r"cannot express this model: model.base_model.transformer.gated: Llama's MLP is gated \(SwiGLU\); set true; model.base_model.transformer.normalization.type `layer_norm`: Llama uses rms_norm; set it"):
         export_llama(state, dataclasses.replace(config, transformer=layer_norm), out, max_position_embeddings=SEQ)
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 500}}}))
     with pytest.raises(ExportError, match="token ids go up to 500 but model.base_model.vocab_size is 128"):
