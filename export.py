@@ -39,12 +39,14 @@ def hf_config(config: BaseModelConfig, max_position_embeddings: int, dtype: torc
     t, r = config.transformer, config.transformer.rotary
     problems = config.errors()  # what model.py can't build; then what transformers' LlamaConfig refuses
     if t.hidden_size % max(t.num_attention_heads, 1):  # checked by transformers even when head_dim is given
-        problems.append(f"model.base_model.transformer.hidden_size {t.hidden_size} must be a multiple of num_attention_heads for transformers")
+        problems.append(f"model.base_model.transformer.hidden_size {t.hidden_size} must be a multiple of "
+                        "num_attention_heads for transformers")
     if problems:
         raise ExportError("Hugging Face Llama cannot express this model: " + "; ".join(problems) + ".")
     rope_scaling = None if r.scaling_type == "none" else {
         "rope_type": "llama3", "factor": float(r.scale_factor), "low_freq_factor": float(r.low_frequency_factor),
-        "high_freq_factor": float(r.high_frequency_factor), "original_max_position_embeddings": r.original_context_length,
+        "high_freq_factor": float(r.high_frequency_factor),
+        "original_max_position_embeddings": r.original_context_length,
     }
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -107,7 +109,8 @@ def base_model_dict_from_hf(path) -> dict:
     }
     if rope_type == "llama3":
         keys = {"scale_factor": "factor", "low_frequency_factor": "low_freq_factor",
-                "high_frequency_factor": "high_freq_factor", "original_context_length": "original_max_position_embeddings"}
+                "high_frequency_factor": "high_freq_factor",
+                "original_context_length": "original_max_position_embeddings"}
         if missing := [v for v in keys.values() if v not in rope]:
             raise ExportError(f"{file}: llama3 rope scaling without {', '.join(missing)}.")
         transformer["rotary"] = {"scaling_type": "llama3", **{ours: rope[theirs] for ours, theirs in keys.items()}}
@@ -133,7 +136,8 @@ def model_config_from_dict(d: dict, where: str = "model.base_model", cls=BaseMod
 H, F, Q, KV = ("transformer.hidden_size", "transformer.ffn_hidden_size",
                "transformer.num_attention_heads or kv_channels", "transformer.head_groups or kv_channels")
 DIM_KEYS = {"embed_tokens": ("vocab_size", H), "lm_head": ("vocab_size", H), "q_proj": (Q, H), "k_proj": (KV, H),
-            "v_proj": (KV, H), "o_proj": (H, Q), "gate_proj": (F, H), "up_proj": (F, H), "down_proj": (H, F), "norm": (H,)}
+            "v_proj": (KV, H), "o_proj": (H, Q), "gate_proj": (F, H), "up_proj": (F, H), "down_proj": (H, F),
+            "norm": (H,)}
 
 
 def hf_name(name: str) -> str:
@@ -299,7 +303,8 @@ def export_checkpoint(checkpoint, output_dir, **kwargs) -> Path:
         state_dict = load_file(checkpoint / "model.safetensors")
     except SafetensorError as e:
         raise ExportError(f"{checkpoint / 'model.safetensors'}: not a readable safetensors file ({e}).") from None
-    return export_llama(state_dict, config, output_dir, max_position_embeddings=context_length(config, trainer["sequence_length"]), **kwargs)
+    context = context_length(config, trainer["sequence_length"])
+    return export_llama(state_dict, config, output_dir, max_position_embeddings=context, **kwargs)
 
 
 def context_length(config: BaseModelConfig, sequence_length: int) -> int:

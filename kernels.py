@@ -20,19 +20,6 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the kernels were defined for the CPU interpreter
 IGNORE_INDEX = -100  # labels equal to this add nothing to the loss (F.cross_entropy's default)
 
-if INTERPRETED:
-    # Triton 3.6's interpreter holds a scalar as a 1-element array and calls int() on it when the
-    # scalar bounds a loop (`range(0, V, BLOCK)`); NumPy >= 2.4 refuses int() of a 1-d array.
-    # Take the one element instead. No effect on compiled kernels.
-    import triton.runtime.interpreter as _interpreter
-
-    def _patch_lang_tensor(tensor, scope, _patch=_interpreter._patch_lang_tensor):
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    _interpreter._patch_lang_tensor = _patch_lang_tensor
-
-
 def _num_warps(block: int) -> int:
     """Warps for a program that handles `block` elements at once: 16 to 32 elements per thread."""
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
@@ -193,7 +180,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 #     grad_h[c] = dz @ W                   (written straight into the output)
 #     grad_W   += dz.T @ h_c               (accumulated in the weight's dtype)
 # The gradients are thus finished in the forward pass; the backward only scales them by the
-# incoming gradient when that is not 1. Accumulating grad_W in bf16 rounds it once per chunk
+# incoming gradient. Accumulating grad_W in bf16 rounds it once per chunk
 # instead of once: measured against float64 on an H100 (BENCHMARKS.md), 8 chunks give a relative
 # error of 4.2e-3 where eager's single rounding gives 2.4e-3, still within bf16's own 2^-8. A
 # float32 accumulator would hold 4 bytes x V x H: 2.1 GB at 128,256 x 4096, twice the 1 GB budget.
@@ -273,16 +260,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        # The gradients were finished in forward for a loss gradient of 1; another one (a loss
-        # divided by the gradient-accumulation steps) scales them in place. Reading it costs one
-        # host synchronization, and skipping the scaling when it is 1 saves two passes over
-        # grad_W: 2.3 ms at Llama-3.1-8B's head (BENCHMARKS.md). The gradients are handed over,
-        # so a second backward through this graph is not supported.
+        # The gradients were finished in forward for a loss gradient of 1; the real one (train.py
+        # divides the loss by accumulation steps x ranks) scales them in place, as a device tensor:
+        # no host synchronization. The gradients are handed over, so a second backward through
+        # this graph is not supported.
         grad_h, grad_w, ctx.grad_h, ctx.grad_w = ctx.grad_h, ctx.grad_w, None, None
-        g = grad_loss.item()
         for grad in (grad_h, grad_w):
-            if grad is not None and g != 1.0:
-                grad.mul_(g)
+            if grad is not None:
+                grad.mul_(grad_loss.to(grad.dtype))
         return grad_h, grad_w, None, None
 
 

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import kernels
-import torch.nn.functional as F
+try:
+    import kernels  # needs Triton; without it the model runs on the pure-torch twins below
+except ImportError:
+    kernels = None
 
 # ---------------------------------------------------------------------------------------------
 # Configuration: the YAML's `model.base_model` section (Fast-LLM's keys and defaults)
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 @dataclass
 class NormalizationConfig:
-    type: str = "layer_norm"  # `rms_norm` for Llama (the only one built here)
+    type: str = "rms_norm"  # Fast-LLM's key; Llama's RMSNorm is the only value (Fast-LLM's default: layer_norm)
     epsilon: float = 1e-5  # added to the mean square before the reciprocal square root
 
 
@@ -46,12 +49,14 @@ class TransformerConfig:
     head_groups: int = 1  # key/value heads (grouped-query attention)
     kv_channels: int | None = None  # head dimension; default hidden_size / num_attention_heads
     ffn_hidden_size: int | None = None  # MLP width; default 4 x hidden_size
-    gated: bool = False  # SwiGLU-style gated MLP (Llama: true)
-    activation_type: str | None = None  # silu, gelu, relu, squared_relu; default silu if gated else gelu
+    activation_type: str | None = None  # silu, gelu, relu, squared_relu; default silu
     add_linear_biases: bool = True  # biases on the attention and MLP projections (Llama: false)
     normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
-    use_rotary_embeddings: bool = False  # rotary position embeddings (Llama: true)
     rotary_embedding_scale: float = -math.log(10000)  # -ln(theta): theta = exp(-this)
+    # Fast-LLM keys that a Llama allows one value of. They default to it (Fast-LLM's own defaults
+    # describe a GPT-2-like model, which this project doesn't build); any other value is an error.
+    gated: bool = True  # SwiGLU-style gated MLP
+    use_rotary_embeddings: bool = True  # rotary position embeddings
     rotary: RotaryConfig = field(default_factory=RotaryConfig)
     init_method_std: float | None = None  # std of the weight init; default hidden_size ** -0.5
 
@@ -65,7 +70,7 @@ class TransformerConfig:
 
     @property
     def activation(self) -> str:
-        return self.activation_type or ("silu" if self.gated else "gelu")
+        return self.activation_type or "silu"
 
     @property
     def std(self) -> float:
@@ -76,38 +81,51 @@ class TransformerConfig:
 class BaseModelConfig:
     cross_entropy_impl: str = "auto"  # torch (full logits), fused (Triton, chunked), auto (fused on GPU)
     tie_word_embeddings: bool = True  # share the input embedding and the output head (Llama 3.1: false)
-    use_position_embeddings: bool | None = None  # learned absolute positions; default: off when rotary is on
     vocab_size: int = 49152  # tokens in the vocabulary
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
-    recompute_layers: int | None = None  # (ours) blocks recomputed in backward to save memory; None: as few as fit (train.py)
+    use_position_embeddings: bool | None = None  # Fast-LLM's key; Llama has no learned positions: only false
+    recompute_layers: int | None = None  # (ours) blocks recomputed in backward; None: as few as fit (train.py)
 
     def errors(self) -> list[str]:
         """What is wrong with these values, or what Llama (this model, a Hugging Face Llama) can't be."""
-        t, k = self.transformer, "model.base_model.transformer"
-        r = t.rotary
-        return [message for failed, message in [
-            (self.cross_entropy_impl not in ("auto", "torch", "fused"), f"model.base_model.cross_entropy_impl `{self.cross_entropy_impl}` must be auto, torch or fused"),
-            (self.vocab_size < 1, "model.base_model.vocab_size must be at least 1"),
-            (self.use_position_embeddings is True, "model.base_model.use_position_embeddings: Llama has no learned positions; set false"),
-            (self.recompute_layers is not None and not 0 <= self.recompute_layers <= t.num_layers, f"model.base_model.recompute_layers must lie in 0..{t.num_layers} (transformer.num_layers), or null: as few as fit"),
+        t, r, m, k = self.transformer, self.transformer.rotary, "model.base_model", "model.base_model.transformer"
+        checks = [
+            (self.cross_entropy_impl not in ("auto", "torch", "fused"),
+             f"{m}.cross_entropy_impl `{self.cross_entropy_impl}` must be auto, torch or fused"),
+            (self.vocab_size < 1, f"{m}.vocab_size must be at least 1"),
+            (self.use_position_embeddings is True,
+             f"{m}.use_position_embeddings: Llama has no learned positions; set false"),
+            (self.recompute_layers is not None and not 0 <= self.recompute_layers <= t.num_layers,
+             f"{m}.recompute_layers must lie in 0..{t.num_layers} (transformer.num_layers), or null: as few as fit"),
             (t.num_layers < 1 or t.hidden_size < 1, f"{k}.num_layers and hidden_size must be at least 1"),
-            (t.num_attention_heads < 1 or t.head_groups < 1 or t.num_attention_heads % t.head_groups, f"{k}.num_attention_heads ({t.num_attention_heads}) must be a positive multiple of head_groups ({t.head_groups})"),
-            (t.kv_channels is None and t.hidden_size % max(t.num_attention_heads, 1), f"{k}.kv_channels is required when hidden_size is not a multiple of num_attention_heads"),
-            (t.head_dim % 2 or t.head_dim < 2, f"{k} head dimension {t.head_dim} (kv_channels) must be even for rotary"),
+            (t.num_attention_heads < 1 or t.head_groups < 1 or t.num_attention_heads % t.head_groups,
+             f"{k}.num_attention_heads ({t.num_attention_heads}) must be a positive multiple of head_groups "
+             f"({t.head_groups})"),
+            (t.kv_channels is None and t.hidden_size % max(t.num_attention_heads, 1),
+             f"{k}.kv_channels is required when hidden_size is not a multiple of num_attention_heads"),
+            (t.head_dim % 2 or t.head_dim < 2,
+             f"{k} head dimension {t.head_dim} (kv_channels) must be even for rotary"),
             (t.ffn_size < 1, f"{k}.ffn_hidden_size must be at least 1"),
             (not t.gated, f"{k}.gated: Llama's MLP is gated (SwiGLU); set true"),
-            (t.activation not in ACTIVATIONS, f"{k}.activation_type `{t.activation}` must be silu, gelu, relu or squared_relu"),
-            (t.normalization.type != "rms_norm", f"{k}.normalization.type `{t.normalization.type}`: Llama uses rms_norm; set it"),
+            (t.activation not in ACTIVATIONS,
+             f"{k}.activation_type `{t.activation}` must be silu, gelu, relu or squared_relu"),
+            (t.normalization.type != "rms_norm",
+             f"{k}.normalization.type `{t.normalization.type}`: Llama uses rms_norm; set it"),
             (t.normalization.epsilon <= 0, f"{k}.normalization.epsilon must be positive"),
             (not t.use_rotary_embeddings, f"{k}.use_rotary_embeddings: Llama uses rotary embeddings; set true"),
-            (r.scaling_type not in ("none", "llama3"), f"{k}.rotary.scaling_type `{r.scaling_type}` must be none or llama3"),
-            (r.scaling_type == "llama3" and not (0 < r.low_frequency_factor < r.high_frequency_factor and r.scale_factor > 0 and r.original_context_length > 0), f"{k}.rotary: llama3 scaling needs 0 < low_frequency_factor < high_frequency_factor, and positive scale_factor and original_context_length"),
+            (r.scaling_type not in ("none", "llama3"),
+             f"{k}.rotary.scaling_type `{r.scaling_type}` must be none or llama3"),
+            (r.scaling_type == "llama3" and not (0 < r.low_frequency_factor < r.high_frequency_factor
+                                                 and r.scale_factor > 0 and r.original_context_length > 0),
+             f"{k}.rotary: llama3 scaling needs 0 < low_frequency_factor < high_frequency_factor, and positive "
+             "scale_factor and original_context_length"),
             (t.init_method_std is not None and t.init_method_std <= 0, f"{k}.init_method_std must be positive"),
-        ] if failed]
+        ]
+        return [message for failed, message in checks if failed]
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure-torch reference ops: the twins of the Triton kernels
+# The ops that decide speed: pure-torch twins of the Triton kernels, and the dispatch between them
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -130,6 +148,50 @@ def cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     labels of -100 are ignored. Holds the full logits: the fused kernel avoids exactly that."""
     logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
     return F.cross_entropy(logits, labels, ignore_index=-100)
+
+
+# Dispatch: each op runs its Triton kernel on CUDA tensors and its twin elsewhere. LLAMA_KERNELS=0
+# forces the twins everywhere, to tell a kernel bug from a model bug. Read once.
+FORCE_TWINS = os.environ.get("LLAMA_KERNELS") == "0"
+
+
+def _kernels_on(x: torch.Tensor) -> bool:
+    return x.is_cuda and kernels is not None and not FORCE_TWINS
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _kernels_on(x):
+        return kernels.rms_norm(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if _kernels_on(x):
+        return kernels.rotary(x, cos, sin)
+    return rotary_torch(x, cos, sin)
+
+
+def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str) -> torch.Tensor:
+    """impl: `torch` the twin (full float32 logits), `fused` the chunked kernel, `auto` fused on a GPU."""
+    if impl == "fused" and not FORCE_TWINS:
+        if problem := fused_cross_entropy_problem(hidden.device):
+            raise RuntimeError(problem)
+        return kernels.cross_entropy(hidden, weight, labels)
+    if impl == "auto" and _kernels_on(hidden):
+        return kernels.cross_entropy(hidden, weight, labels)
+    return cross_entropy_torch(hidden, weight, labels)
+
+
+def fused_cross_entropy_problem(device: torch.device) -> str | None:
+    """Why `cross_entropy_impl: fused` can't run on `device`, or None. Compiled Triton needs a CUDA GPU;
+    on the CPU the kernel runs only under Triton's interpreter (TRITON_INTERPRET=1, as the tests set)."""
+    key = "model.base_model.cross_entropy_impl"
+    if kernels is None:
+        return f"{key} is `fused`, a Triton kernel, and Triton is not installed: install it, or use auto or torch"
+    if device.type != "cuda" and not kernels.INTERPRETED:
+        return (f"{key} is `fused`, a Triton kernel that needs a CUDA GPU, and this run is on {device.type}: use "
+                "auto (the kernel on a GPU, plain PyTorch elsewhere) or torch")
+    return None
 
 
 def rotary_frequencies(config: TransformerConfig) -> torch.Tensor:
@@ -229,7 +291,9 @@ class Llama(nn.Module):
     def __init__(self, config: BaseModelConfig, max_sequence_length: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config, self.max_sequence_length = config, max_sequence_length
-        self.recompute_layers = config.recompute_layers or 0  # the first this many blocks keep only their input
+        # The first this many blocks keep only their input and recompute the rest in backward. The
+        # trainer sets it (train.py's recompute_layers decides how many); the model never reads the config's.
+        self.recompute_layers = 0
         t = config.transformer
         self.embed_tokens = nn.Embedding(config.vocab_size, t.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(t, dtype) for _ in range(t.num_layers))
@@ -259,7 +323,8 @@ class Llama(nn.Module):
             elif name.endswith(".bias"):
                 p.zero_()
             else:
-                std = t.std / math.sqrt(2 * t.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else t.std
+                residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+                std = t.std / math.sqrt(2 * t.num_layers) if residual else t.std
                 p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, std))
         self.init_rotary()
         return self
@@ -294,30 +359,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ---------------------------------------------------------------------------------------------
-# Dispatch: the Triton kernels on CUDA tensors, the twins elsewhere
-
-# LLAMA_KERNELS=0 forces the twins everywhere, to tell a kernel bug from a model bug. Read once.
-USE_KERNELS = os.environ.get("LLAMA_KERNELS", "1") != "0"
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if USE_KERNELS and x.is_cuda:
-        return kernels.rms_norm(x, weight, eps)
-    return rms_norm_torch(x, weight, eps)
-
-
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if USE_KERNELS and x.is_cuda:
-        return kernels.rotary(x, cos, sin)
-    return rotary_torch(x, cos, sin)
-
-
-def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str) -> torch.Tensor:
-    """impl: `torch` the twin (full float32 logits), `fused` the chunked kernel, `auto` fused on a GPU."""
-    # `fused` on a CPU tensor: compiled Triton needs a GPU, so the kernel runs only under Triton's
-    # interpreter (TRITON_INTERPRET=1 before import, as the tests do); otherwise the twin.
-    fused = hidden.is_cuda if impl == "auto" else impl == "fused" and (hidden.is_cuda or kernels.INTERPRETED)
-    if USE_KERNELS and fused:
-        return kernels.cross_entropy(hidden, weight, labels)
-    return cross_entropy_torch(hidden, weight, labels)
+def flops_per_token(model: Llama, sequence_length: int) -> int:
+    """Training FLOPs per token, as torchtitan and Megatron count them (docs/performance.md): 6 N for the
+    forward and backward matmuls, N the parameters without the input embedding (a tied one counts once,
+    as the head), plus 12 L H Q T for attention's scores and weighted values (no causal discount)."""
+    t = model.config.transformer
+    n = count_parameters(model) - (0 if model.config.tie_word_embeddings else model.embed_tokens.weight.numel())
+    return 6 * n + 12 * t.num_layers * t.num_attention_heads * t.head_dim * sequence_length

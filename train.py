@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 import export
 from data import Data, DataConfig, DataError, Loader
-from model import BaseModelConfig, Llama, count_parameters
+from model import BaseModelConfig, Llama, count_parameters, flops_per_token, fused_cross_entropy_problem
 from zero import ZeroAdamW
 
 # ---------------------------------------------------------------------------------------------
@@ -232,34 +232,42 @@ def merge(base: dict, over: dict) -> dict:
 
 def validate(c: Config, world_size: int) -> None:
     """Values the types alone don't rule out; every problem found is reported at once."""
-    t, m = c.training, c.model.base_model
+    t, lr, o = c.training, c.optimizer.learning_rate, c.optimizer
     checks = [
-        (t.train_iters is None or t.train_iters < 1, f"training.train_iters is required and must be at least 1, got {t.train_iters}"),
+        (t.train_iters is None or t.train_iters < 1,
+         f"training.train_iters is required and must be at least 1, got {t.train_iters}"),
         (t.logs.interval < 1, "training.logs.interval must be at least 1"),
-        (t.validation.interval is not None and t.validation.interval < 1, "training.validation.interval must be at least 1 (or null: off)"),
-        (t.validation.interval is not None and (t.validation.iterations or 0) < 1, "training.validation.iterations must be at least 1 when validation.interval is set"),
-        (t.checkpoint.interval is not None and t.checkpoint.interval < 1, "training.checkpoint.interval must be at least 1 (or null: off)"),
+        (t.validation.interval is not None and t.validation.interval < 1,
+         "training.validation.interval must be at least 1 (or null: off)"),
+        (t.validation.interval is not None and (t.validation.iterations or 0) < 1,
+         "training.validation.iterations must be at least 1 when validation.interval is set"),
+        (t.checkpoint.interval is not None and t.checkpoint.interval < 1,
+         "training.checkpoint.interval must be at least 1 (or null: off)"),
         (t.checkpoint.keep < 1, "training.checkpoint.keep must be at least 1"),
         (t.test_iters < 0, "training.test_iters must not be negative"),
         (t.export.format != "llama", f"training.export.format `{t.export.format}` is not supported; use `llama`"),
-        (t.export.interval is not None and t.export.interval < 1, "training.export.interval must be at least 1 (or null: off)"),
+        (t.export.interval is not None and t.export.interval < 1,
+         "training.export.interval must be at least 1 (or null: off)"),
         (c.batch.micro_batch_size < 1, "batch.micro_batch_size must be at least 1"),
         (c.batch.sequence_length < 1, "batch.sequence_length must be at least 1"),
         (c.batch.batch_size is None, "batch.batch_size is required"),
         *((True, message) for message in c.data.errors()),
-        (c.optimizer.learning_rate.base < 0 or c.optimizer.learning_rate.minimum < 0, "optimizer.learning_rate.base and .minimum must not be negative"),
-        (c.optimizer.learning_rate.decay_style not in SCHEDULES, f"optimizer.learning_rate.decay_style `{c.optimizer.learning_rate.decay_style}` must be one of {', '.join(SCHEDULES)}"),
-        (c.optimizer.learning_rate.warmup_iterations < 0, "optimizer.learning_rate.warmup_iterations must not be negative"),
-        (c.optimizer.learning_rate.decay_power <= 0, "optimizer.learning_rate.decay_power must be positive"),
-        (not (0 <= c.optimizer.beta_1 < 1 and 0 <= c.optimizer.beta_2 < 1), "optimizer.beta_1 and beta_2 must lie in [0, 1)"),
-        (c.optimizer.epsilon <= 0, "optimizer.epsilon must be positive"),
-        (c.optimizer.weight_decay < 0, "optimizer.weight_decay must not be negative"),
-        (c.optimizer.gradient_norm_clipping < 0, "optimizer.gradient_norm_clipping must not be negative (0: off)"),
-        *((True, message) for message in m.errors()),
+        (lr.base < 0 or lr.minimum < 0, "optimizer.learning_rate.base and .minimum must not be negative"),
+        (lr.decay_style not in SCHEDULES,
+         f"optimizer.learning_rate.decay_style `{lr.decay_style}` must be one of {', '.join(SCHEDULES)}"),
+        (lr.warmup_iterations < 0, "optimizer.learning_rate.warmup_iterations must not be negative"),
+        (lr.decay_power <= 0, "optimizer.learning_rate.decay_power must be positive"),
+        (not (0 <= o.beta_1 < 1 and 0 <= o.beta_2 < 1), "optimizer.beta_1 and beta_2 must lie in [0, 1)"),
+        (o.epsilon <= 0, "optimizer.epsilon must be positive"),
+        (o.weight_decay < 0, "optimizer.weight_decay must not be negative"),
+        (o.gradient_norm_clipping < 0, "optimizer.gradient_norm_clipping must not be negative (0: off)"),
+        *((True, message) for message in c.model.base_model.errors()),
         (c.model.multi_stage.zero_stage not in (1, 2), "model.multi_stage.zero_stage must be 1 or 2"),
-        (c.model.distributed.training_dtype not in DTYPES, f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of {', '.join(DTYPES)}"),
+        (c.model.distributed.training_dtype not in DTYPES,
+         f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of {', '.join(DTYPES)}"),
         (c.run.experiment_dir is None, "run.experiment_dir is required"),
-        (c.pretrained is not None and (c.pretrained.format != "llama" or not c.pretrained.path), "pretrained.format must be `llama` and pretrained.path is required"),
+        (c.pretrained is not None and (c.pretrained.format != "llama" or not c.pretrained.path),
+         "pretrained.format must be `llama` and pretrained.path is required"),
     ]
     errors = [message for failed, message in checks if failed]
     b = c.batch
@@ -308,33 +316,44 @@ def learning_rate(c: LearningRateConfig, step: int, train_iters: int) -> float:
 EXECUTION_ONLY = ("cross_entropy_impl", "recompute_layers")  # model keys a resumed run may change
 
 
+@dataclass
+class TrainerState:
+    """Where a run stands, besides its tensors: saved as a checkpoint's trainer.json."""
+    step: int = 0  # optimizer steps taken
+    consumed: dict[str, int] = field(default_factory=lambda: {"train": 0, "validation": 0})  # samples read
+    sequence_length: int = 0  # tokens per sample: the samples, so the data order, depend on it
+    world_size: int = 1  # ranks that wrote the optimizer shards
+
+
 def find_checkpoint(experiment_dir: Path) -> Path | None:
     root = experiment_dir / "checkpoints"
     steps = [int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / "trainer.json").exists()]
     return root / str(max(steps)) if steps else None
 
 
-def check_checkpoint(checkpoint: Path, config: Config) -> dict:
+def check_checkpoint(checkpoint: Path, config: Config) -> TrainerState:
     """The checkpoint's trainer state, after checking that it was written by this model."""
     saved = json.loads((checkpoint / "model_config.json").read_text())
     ours = dataclasses.asdict(config.model.base_model)
     for key in EXECUTION_ONLY:
         saved.pop(key, None), ours.pop(key, None)
     if saved != ours:
-        diff = [f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+        diff = [f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here"
+                for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
         raise ConfigError(
             f"{checkpoint} was written by a different model than model.base_model describes "
             f"({'; '.join(diff)}). Use another run.experiment_dir, or the model that wrote it."
         )
-    trainer = json.loads((checkpoint / "trainer.json").read_text())
-    if trainer["sequence_length"] != config.batch.sequence_length:
-        raise ConfigError(f"{checkpoint} was trained with batch.sequence_length {trainer['sequence_length']}, not {config.batch.sequence_length}")
-    return trainer
+    state = TrainerState(**json.loads((checkpoint / "trainer.json").read_text()))
+    if state.sequence_length != config.batch.sequence_length:
+        raise ConfigError(f"{checkpoint} was trained with batch.sequence_length {state.sequence_length}, "
+                          f"not {config.batch.sequence_length}")
+    return state
 
 
-def save_checkpoint(exp: Path, step: int, model, optimizer, trainer: dict, config: Config, rank: int, world: int):
+def save_checkpoint(exp: Path, model, optimizer, state: TrainerState, config: Config, rank: int, world: int):
     root = exp / "checkpoints"
-    tmp, final = root / f".tmp-{step}", root / str(step)
+    tmp, final = root / f".tmp-{state.step}", root / str(state.step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -348,7 +367,7 @@ def save_checkpoint(exp: Path, step: int, model, optimizer, trainer: dict, confi
         save_file(cpu_state_dict(model), tmp / "model.safetensors")
         (tmp / "model_config.json").write_text(json.dumps(dataclasses.asdict(config.model.base_model), indent=2))
         (tmp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-        (tmp / "trainer.json").write_text(json.dumps(dict(trainer, step=step, world_size=world), indent=2))
+        (tmp / "trainer.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -359,16 +378,16 @@ def save_checkpoint(exp: Path, step: int, model, optimizer, trainer: dict, confi
     barrier()
 
 
-def load_checkpoint(checkpoint: Path, optimizer, trainer: dict, rank: int, world: int) -> None:
+def load_checkpoint(checkpoint: Path, optimizer, state: TrainerState, rank: int, world: int) -> None:
     files = sorted(checkpoint.glob("optimizer-*-of-*.safetensors"))
-    if len(files) != trainer["world_size"]:
-        raise ConfigError(f"{checkpoint} should hold {trainer['world_size']} optimizer shards, found {len(files)}")
+    if len(files) != state.world_size:
+        raise ConfigError(f"{checkpoint} should hold {state.world_size} optimizer shards, found {len(files)}")
     shards = [safe_open(f, framework="pt", device="cpu") for f in files]
     try:
         optimizer.load_sharded_state(shards)
     except ValueError as e:  # a damaged or foreign optimizer shard
         raise ConfigError(f"{checkpoint}: {e}") from None
-    if world == trainer["world_size"]:  # the same ranks continue with their own random streams
+    if world == state.world_size:  # the same ranks continue with their own random streams
         own = shards[rank]
         torch.set_rng_state(own.get_tensor("rng/cpu"))
         if torch.cuda.is_available() and "rng/cuda" in own.keys():
@@ -378,6 +397,15 @@ def load_checkpoint(checkpoint: Path, optimizer, trainer: dict, rank: int, world
 def cpu_state_dict(model) -> dict[str, torch.Tensor]:
     # Copies: the parameters are views into the optimizer's flat buffers, which safetensors refuses.
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies the trainer owns and hands down: weight decay, recomputation
+
+
+def decays(name: str) -> bool:
+    """Which parameters get weight decay: the weight matrices and embeddings, not norm weights or biases."""
+    return not name.endswith(("norm.weight", ".bias"))
 
 
 def recompute_layers(config: Config, device: torch.device) -> int:
@@ -442,11 +470,13 @@ def profiled(active: bool):
     if not active:
         yield
         return
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as profile:
         yield
-    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    Path(os.environ["LLAMA_PROFILE"]).write_text(profile.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
+    table = profile.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60,
+                                         max_name_column_width=90)
+    Path(os.environ["LLAMA_PROFILE"]).write_text(table)
 
 
 @torch.no_grad()
@@ -459,111 +489,135 @@ def evaluate(model, loader: Loader, iterations: int, world: int, device) -> floa
     return all_reduce_mean(total / count, world)
 
 
-def train(config: Config, rank: int, world: int, device: torch.device) -> None:
-    t, b = config.training, config.batch
-    exp = Path(config.run.experiment_dir)
-    checkpoint = find_checkpoint(exp)
-    trainer = check_checkpoint(checkpoint, config) if checkpoint else {"step": 0, "consumed": {"train": 0, "validation": 0}}
+class Trainer:
+    """One run. `__init__` builds and checks everything and writes nothing, so that any problem it finds
+    leaves earlier work untouched; `train()` is the loop."""
 
-    # Model: built on meta, materialized and initialized on the device, the same on every rank.
-    torch.manual_seed(config.model.distributed.seed)
-    with torch.device("meta"):
-        model = Llama(config.model.base_model, b.sequence_length, DTYPES[config.model.distributed.training_dtype])
-    model.init_weights(device)
-    if config.pretrained is not None and config.pretrained.model_weights and checkpoint is None:
-        export.load_llama_weights(model, config.pretrained.path)
+    def __init__(self, config: Config, rank: int, world: int, device: torch.device):
+        self.config, self.rank, self.world, self.device = config, rank, world, device
+        t, b, m = config.training, config.batch, config.model.base_model
+        self.exp = Path(config.run.experiment_dir)
+        self.checkpoint = find_checkpoint(self.exp)
+        self.state = (check_checkpoint(self.checkpoint, config) if self.checkpoint
+                      else TrainerState(sequence_length=b.sequence_length, world_size=world))
+        if m.cross_entropy_impl == "fused" and (problem := fused_cross_entropy_problem(device)):
+            raise ConfigError(problem)
 
-    data = Data(config.data, b.sequence_length, config.model.base_model.vocab_size, config.model.distributed.seed, exp / "cache")
-    if t.validation.interval is not None and data.num_samples("validation") == 0:
-        raise DataError(f"training.validation is on but the validation split of data.split {config.data.split} holds no sample")
-    if t.test_iters and data.num_samples("test") == 0:
-        raise DataError(f"training.test_iters is {t.test_iters} but the test split of data.split {config.data.split} holds no sample")
+        # Model: built on meta, materialized and initialized on the device, the same on every rank.
+        torch.manual_seed(config.model.distributed.seed)
+        with torch.device("meta"):
+            self.model = Llama(m, b.sequence_length, DTYPES[config.model.distributed.training_dtype])
+        self.model.init_weights(device)
+        if config.pretrained is not None and config.pretrained.model_weights and self.checkpoint is None:
+            export.load_llama_weights(self.model, config.pretrained.path)
 
-    c = config.optimizer
-    optimizer = ZeroAdamW(model, lr=c.learning_rate.base, betas=(c.beta_1, c.beta_2), eps=c.epsilon,
-                          weight_decay=c.weight_decay, zero_stage=config.model.multi_stage.zero_stage)
-    if checkpoint:
-        load_checkpoint(checkpoint, optimizer, trainer, rank, world)
-    model.recompute_layers = recompute_layers(config, device)
+        seed = config.model.distributed.seed
+        self.data = Data(config.data, b.sequence_length, m.vocab_size, seed, self.exp / "cache")
+        for split, wanted, key in (("validation", t.validation.interval is not None, "training.validation is on"),
+                                   ("test", t.test_iters > 0, f"training.test_iters is {t.test_iters}")):
+            if wanted and self.data.num_samples(split) == 0:
+                raise DataError(f"{key} but the {split} split of data.split {config.data.split} holds no sample")
 
-    # Nothing was written until here: every check above can fail without touching earlier work.
-    if rank == 0:
-        exp.mkdir(parents=True, exist_ok=True)
-        (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    log = Logger(exp / "metrics.jsonl", rank, trainer["step"] if checkpoint else 0)
-    step, consumed = trainer["step"], trainer["consumed"]
-    loaders = {s: Loader(data, s, consumed.get(s, 0), b.batch_size, b.micro_batch_size, rank, world, device)
-               for s in ("train", "validation")}
-    # PERF.md: 6 N + 12 L H Q T, N without the input embedding (a tied one counts as the head).
-    n_params, tr = count_parameters(model), config.model.base_model.transformer
-    embedding = 0 if config.model.base_model.tie_word_embeddings else model.embed_tokens.weight.numel()
-    flops_per_token = 6 * (n_params - embedding) + 12 * tr.num_layers * tr.num_attention_heads * tr.head_dim * b.sequence_length
-    tokens_per_step = b.batch_size * b.sequence_length
-    log(f"{'resuming from ' + str(checkpoint) if checkpoint else 'starting'}: {n_params:,} parameters, "
-        f"{world} rank(s), {tokens_per_step:,} tokens per step, {b.batch_size // (b.micro_batch_size * world)} accumulation steps, "
-        f"{model.recompute_layers} of {tr.num_layers} blocks recomputed in backward")
-    if step >= t.train_iters:
-        log(f"training already complete at step {step}")
-        return
+        c = config.optimizer
+        self.optimizer = ZeroAdamW(self.model, betas=(c.beta_1, c.beta_2), eps=c.epsilon, weight_decay=c.weight_decay,
+                                   decays=decays, zero_stage=config.model.multi_stage.zero_stage)
+        if self.checkpoint:
+            load_checkpoint(self.checkpoint, self.optimizer, self.state, rank, world)
+        self.model.recompute_layers = recompute_layers(config, device)  # the one place that sets it
+        self.accumulation = b.batch_size // (b.micro_batch_size * world)  # micro-batches per step on each rank
+        self.tokens_per_step = b.batch_size * b.sequence_length
+        self.flops_per_token = flops_per_token(self.model, b.sequence_length)
 
-    def write_checkpoint():
-        consumed = {s: loader.consumed_samples for s, loader in loaders.items()}
-        save_checkpoint(exp, step, model, optimizer, {"consumed": consumed, "sequence_length": b.sequence_length}, config, rank, world)
-        log(f"step {step} | checkpoint written to {exp / 'checkpoints' / str(step)}")
-
-    def write_export():
+    def train(self) -> None:
+        t, b, exp, rank = self.config.training, self.config.batch, self.exp, self.rank
+        # Nothing was written until here: every check in __init__ could fail without touching earlier work.
         if rank == 0:
-            # overwrite: a run that crashed after an export but before its checkpoint writes it again.
-            out = export.export_llama(cpu_state_dict(model), config.model.base_model, exp / "export" / "llama" / str(step),
-                                      max_position_embeddings=export.context_length(config.model.base_model, b.sequence_length), tokenizer_path=data.tokenizer_path, overwrite=True)
-            log(f"step {step} | exported to {out}")
-        barrier()
+            exp.mkdir(parents=True, exist_ok=True)
+            (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
+        self.log = Logger(exp / "metrics.jsonl", rank, self.state.step if self.checkpoint else 0)
+        self.loaders = {s: Loader(self.data, s, self.state.consumed.get(s, 0), b.batch_size, b.micro_batch_size,
+                                  rank, self.world, self.device) for s in ("train", "validation")}
+        layers = self.config.model.base_model.transformer.num_layers
+        self.log(f"{'resuming from ' + str(self.checkpoint) if self.checkpoint else 'starting'}: "
+                 f"{count_parameters(self.model):,} parameters, {self.world} rank(s), {self.tokens_per_step:,} "
+                 f"tokens per step, {self.accumulation} accumulation steps, "
+                 f"{self.model.recompute_layers} of {layers} blocks recomputed in backward")
+        if self.state.step >= t.train_iters:
+            self.log(f"training already complete at step {self.state.step}")
+        # tokens/s counts training steps only; grad_norm's .item() synchronizes the device once a step.
+        self.interval_loss, interval_steps, interval_time = torch.zeros((), device=self.device), 0, 0.0
+        profile_step = self.state.step + 3 if os.environ.get("LLAMA_PROFILE") and rank == 0 else None
+        while self.state.step < t.train_iters:
+            self.state.step += 1
+            step, start = self.state.step, time.perf_counter()
+            lr = learning_rate(self.config.optimizer.learning_rate, step, t.train_iters)
+            with profiled(step == profile_step):
+                grad_norm = self.train_step(lr)
+            interval_steps, interval_time = interval_steps + 1, interval_time + time.perf_counter() - start
+            last = step == t.train_iters
+            if step % t.logs.interval == 0 or last:
+                self.log_interval(self.interval_loss / interval_steps, lr, grad_norm, interval_steps / interval_time)
+                self.interval_loss.zero_()
+                interval_steps, interval_time = 0, 0.0
+            self.on_intervals(last)
+        for loader in self.loaders.values():
+            loader.close()
 
-    # tokens/s counts training steps only; grad_norm's .item() in optimizer.step synchronizes the device.
-    interval_loss, interval_steps, interval_time = torch.zeros((), device=device), 0, 0.0
-    profile_step = step + 3 if os.environ.get("LLAMA_PROFILE") and rank == 0 else None
-    while step < t.train_iters:
-        step += 1
-        start = time.perf_counter()
-        lr = learning_rate(c.learning_rate, step, t.train_iters)
-        with profiled(step == profile_step):
-            micro_batches = loaders["train"].next_batch()
-            optimizer.zero_grad()
-            for tokens in micro_batches:
-                loss = model(tokens[:, :-1], tokens[:, 1:])
-                # The optimizer sums gradients over micro-batches and ranks: scale so the sum is the mean.
-                (loss / (len(micro_batches) * world)).backward()
-                interval_loss += loss.detach() / len(micro_batches)
-            grad_norm = optimizer.step(lr, c.gradient_norm_clipping)
-        interval_steps, interval_time = interval_steps + 1, interval_time + time.perf_counter() - start
+    def train_step(self, lr: float) -> float:
+        """One optimizer step: every micro-batch's forward and backward, then the AdamW update. Adds this
+        rank's mean loss to interval_loss; returns the global gradient norm before clipping."""
+        micro_batches = self.loaders["train"].next_batch()
+        self.optimizer.zero_grad()
+        for tokens in micro_batches:
+            loss = self.model(tokens[:, :-1], tokens[:, 1:])
+            # The loss-scaling contract. model() returns the mean loss over a micro-batch's tokens, and
+            # kernels.py's fused cross-entropy makes that mean's gradient, scaled by what backward passes
+            # in; zero.py then sums gradients over micro-batches and ranks. Dividing by their number
+            # here makes that sum the gradient of the mean loss over the whole global batch.
+            (loss / (len(micro_batches) * self.world)).backward()
+            self.interval_loss += loss.detach() / len(micro_batches)
+        grad_norm = self.optimizer.reduce()
+        self.optimizer.update(lr, self.config.optimizer.gradient_norm_clipping, grad_norm)
+        return grad_norm.item()
 
-        if step % t.logs.interval == 0 or step == t.train_iters:
-            loss = all_reduce_mean(interval_loss / interval_steps, world)
-            tokens_per_s = interval_steps * tokens_per_step / interval_time
-            metrics = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s, tokens_per_s_per_gpu=tokens_per_s / world)
-            text = f"step {step}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s ({tokens_per_s / world:,.0f} per rank)"
-            if device.type == "cuda":
-                metrics.update(mfu=tokens_per_s / world * flops_per_token / H100_PEAK_FLOPS, memory_gb=torch.cuda.max_memory_allocated() / 1e9)
-                text += f" | MFU {metrics['mfu']:.1%} | peak memory {metrics['memory_gb']:.1f} GB"
-            log(text, **metrics)
-            interval_loss.zero_()
-            interval_steps, interval_time = 0, 0.0
+    def log_interval(self, loss: torch.Tensor, lr: float, grad_norm: float, steps_per_s: float) -> None:
+        loss, step, world = all_reduce_mean(loss, self.world), self.state.step, self.world
+        tokens_per_s = steps_per_s * self.tokens_per_step
+        metrics = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                       tokens_per_s_per_gpu=tokens_per_s / world)
+        text = (f"step {step}/{self.config.training.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
+                f"{grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s ({tokens_per_s / world:,.0f} per rank)")
+        if self.device.type == "cuda":
+            metrics.update(mfu=tokens_per_s / world * self.flops_per_token / H100_PEAK_FLOPS,
+                           memory_gb=torch.cuda.max_memory_allocated() / 1e9)
+            text += f" | MFU {metrics['mfu']:.1%} | peak memory {metrics['memory_gb']:.1f} GB"
+        self.log(text, **metrics)
 
-        last = step == t.train_iters
+    def on_intervals(self, last: bool) -> None:
+        """Validation, test, export and checkpoint, each on its interval and at the end."""
+        t, b, step = self.config.training, self.config.batch, self.state.step
         if t.validation.interval is not None and (step % t.validation.interval == 0 or last):
-            loss = evaluate(model, loaders["validation"], t.validation.iterations, world, device)
-            log(f"step {step} | validation loss {loss:.4f}", step=step, val_loss=loss)
+            loss = evaluate(self.model, self.loaders["validation"], t.validation.iterations, self.world, self.device)
+            self.log(f"step {step} | validation loss {loss:.4f}", step=step, val_loss=loss)
         if last and t.test_iters:
-            test = Loader(data, "test", 0, b.batch_size, b.micro_batch_size, rank, world, device)
-            loss = evaluate(model, test, t.test_iters, world, device)
+            test = Loader(self.data, "test", 0, b.batch_size, b.micro_batch_size, self.rank, self.world, self.device)
+            loss = evaluate(self.model, test, t.test_iters, self.world, self.device)
             test.close()
-            log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)
+            self.log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)
         if t.export.interval is not None and (step % t.export.interval == 0 or last):
-            write_export()
+            if self.rank == 0:
+                # overwrite: a run that crashed after an export but before its checkpoint writes it again.
+                m = self.config.model.base_model
+                out = export.export_llama(cpu_state_dict(self.model), m, self.exp / "export" / "llama" / str(step),
+                                          max_position_embeddings=export.context_length(m, b.sequence_length),
+                                          tokenizer_path=self.data.tokenizer_path, overwrite=True)
+                self.log(f"step {step} | exported to {out}")
+            barrier()
         if t.checkpoint.interval is not None and (step % t.checkpoint.interval == 0 or last):
-            write_checkpoint()
-    for loader in loaders.values():
-        loader.close()
+            self.state.consumed = {s: loader.consumed_samples for s, loader in self.loaders.items()}
+            self.state.world_size = self.world
+            save_checkpoint(self.exp, self.model, self.optimizer, self.state, self.config, self.rank, self.world)
+            self.log(f"step {step} | checkpoint written to {self.exp / 'checkpoints' / str(step)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,7 +648,7 @@ def main(argv: list[str]) -> int:
         if world > 1:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         try:
-            train(config, rank, world, device)
+            Trainer(config, rank, world, device).train()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

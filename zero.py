@@ -19,19 +19,20 @@ AdamW moments and a float32 gradient shard. One optimizer step, for one bucket:
                  v
       bucket, training dtype, same on all ranks     = the weights of the next forward
 
-Stage 2 overlaps communication with backward: as each parameter's gradient is accumulated, a hook
-copies it into its bucket's float32 staging buffer and frees `param.grad`; once a bucket is complete
-its reduce-scatter is launched asynchronously while backward goes on with the layers before it.
-Buckets hold parameters in reverse order, the order backward produces them, and are launched
-strictly in bucket order. At the end of each backward the buckets not yet launched are launched
-too, a parameter that got no gradient counting as zero, and all reductions are awaited: so every
-rank issues every bucket's reduce-scatter once per backward, in the same order, even where ranks
-differ in which parameters got gradients (each backward must reach at least one parameter).
+Stage 2 overlaps communication with backward: a hook copies each parameter's accumulated gradient
+into its bucket's float32 staging buffer and frees `param.grad`; a complete bucket's reduce-scatter
+is launched asynchronously while backward goes on. Buckets hold parameters in backward order and are
+launched strictly in bucket order; at the end of each backward the rest are launched (a missing
+gradient counts as zero) and all are awaited. So every rank issues every bucket's reduce-scatter
+once per backward in the same order, even where ranks differ in which parameters got gradients.
 
 At world size 1 there are no collectives and the update is exactly torch.optim.AdamW after
-torch.nn.utils.clip_grad_norm_, with weight decay on every parameter except norm weights and biases.
+torch.nn.utils.clip_grad_norm_, with weight decay on the parameters the caller's `decays(name)` picks.
+The arithmetic is one pure function, `adamw_step`; the class around it only moves data.
 Gradient scaling is the caller's: gradients are summed over micro-batches and ranks.
 """
+from typing import Callable, NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -48,84 +49,102 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class _Bucket:
-    """Parameters `entries` = [(name, param, offset)] moved into one flat buffer, and this rank's shard."""
+@torch.no_grad()
+def adamw_step(master, grad, exp_avg, exp_avg_sq, *, step: int, lr: float, betas: tuple[float, float],
+               eps: float, weight_decay: float, decay_ranges: list[tuple[int, int]]) -> None:
+    """One AdamW update of the float32 tensors `master`, `exp_avg`, `exp_avg_sq` in place, from `grad`;
+    `step` counts from 1. Decoupled weight decay shrinks only master[lo:hi] for (lo, hi) in
+    `decay_ranges`. The same operations, in the same order, as torch.optim.AdamW's single-tensor path."""
+    beta1, beta2 = betas
+    for lo, hi in decay_ranges:
+        master[lo:hi].mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    master.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
 
-    def __init__(self, entries: list, world: int, rank: int, stage: int):
-        first = entries[0][1]
-        _, last, last_offset = entries[-1]
-        numel = _round_up(last_offset + last.numel(), ALIGN * world)  # padded: W equal, aligned shards
+
+# A parameter placed in a bucket at `offset`; the part of one in this rank's shard: shard[lo:hi] is the
+# flattened parameter's [begin : begin + hi - lo].
+_Entry = NamedTuple("_Entry", [("name", str), ("param", torch.Tensor), ("offset", int)])
+_Owned = NamedTuple("_Owned", [("name", str), ("lo", int), ("hi", int), ("begin", int)])
+
+
+class _Bucket:
+    """Parameters `entries` moved into one flat buffer, and this rank's shard of it."""
+
+    def __init__(self, entries: list[_Entry], world: int, rank: int, stage: int, decays: Callable[[str], bool]):
+        first, last = entries[0].param, entries[-1]
+        numel = _round_up(last.offset + last.param.numel(), ALIGN * world)  # padded: W equal, aligned shards
         self.entries, self.numel = entries, numel
         self.data = torch.zeros(numel, dtype=first.dtype, device=first.device)
         for _, p, offset in entries:
             self.data[offset : offset + p.numel()].copy_(p.data.flatten())
             p.data = self.data[offset : offset + p.numel()].view_as(p)  # the model's weights are now views
         size = numel // world
-        self.start = rank * size
+        self.start = rank * size  # this rank's shard is data[start : start + size]
         self.shard = self.data[self.start : self.start + size]  # this rank's slice of the weights
         self.master = self.shard.to(torch.float32, copy=True)  # float32 master weights
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.master), torch.zeros_like(self.master)
         self.grad = torch.zeros_like(self.master)  # summed over micro-batches and ranks
         # Stage 1 (world > 1) sums every micro-batch's gradients into a full float32 copy of the bucket;
         # at world size 1 the shard is the whole bucket and gradients are summed straight into it.
         self.full_grad = torch.zeros(numel, device=first.device) if stage == 1 and world > 1 else None
         self.staging = None  # stage 2: float32 gradients of the current micro-batch, while needed
         self.ready = 0  # stage 2: parameters whose gradient arrived in the current backward
-        # What this rank owns of each parameter: (name, shard begin, shard end, begin in the flat parameter).
-        self.owned = []
+        self.owned: list[_Owned] = []
         for name, p, offset in entries:
             lo, hi = max(offset, self.start), min(offset + p.numel(), self.start + size)
             if lo < hi:
-                self.owned.append((name, lo - self.start, hi - self.start, lo - offset))
+                self.owned.append(_Owned(name, lo - self.start, hi - self.start, lo - offset))
+        # The ranges of the shard that get weight decay, adjacent ones merged (fewer kernel launches).
+        self.decay_ranges: list[tuple[int, int]] = []
+        for name, lo, hi, _ in self.owned:
+            if decays(name) and self.decay_ranges and self.decay_ranges[-1][1] == lo:
+                self.decay_ranges[-1] = (self.decay_ranges[-1][0], hi)
+            elif decays(name):
+                self.decay_ranges.append((lo, hi))
 
 
 class ZeroAdamW:
-    def __init__(self, model: torch.nn.Module, *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, zero_stage: int = 1, group=None, bucket_bytes: int = 2**27):
+    def __init__(self, model: torch.nn.Module, *, betas: tuple[float, float], eps: float, weight_decay: float,
+                 decays: Callable[[str], bool] = lambda name: True, zero_stage: int = 1, group=None,
+                 bucket_bytes: int = 2**27):
         """Moves every parameter of `model` into flat buckets of its dtype (`param.data` becomes a view:
-        don't move the model afterwards). `group`: the data-parallel ranks (default: the default process
-        group if initialized, else world size 1). `bucket_bytes` (training dtype; a larger parameter gets
-        a bucket of its own): big enough for full-bandwidth collectives, small enough that the first
-        reduce-scatter starts early in backward and the float32 staging buffers stay small.
-        No weight decay on parameters whose name ends with 'norm.weight' or '.bias'."""
+        don't move the model afterwards). `decays(name)`: whether that parameter gets weight decay (the
+        caller's policy). `group`: the data-parallel ranks (default: the default process group if any).
+        `bucket_bytes` (training dtype; a larger parameter gets its own): big enough for full-bandwidth
+        collectives, small enough that reduce-scatters start early in backward and staging stays small."""
         if zero_stage not in (1, 2):
             raise ValueError(f"zero_stage must be 1 or 2, got {zero_stage}")
-        self.lr, self.betas, self.eps, self.weight_decay, self.stage = lr, betas, eps, weight_decay, zero_stage
-        self.group = group
+        self.betas, self.eps, self.weight_decay, self.stage, self.group = betas, eps, weight_decay, zero_stage, group
         distributed = dist.is_available() and dist.is_initialized()
-        self.world = dist.get_world_size(group) if distributed else 1
-        self.rank = dist.get_rank(group) if distributed else 0
+        self.world, self.rank = (dist.get_world_size(group), dist.get_rank(group)) if distributed else (1, 0)
         self.step_count = 0
         self.params = dict(model.named_parameters())  # a tied weight appears once, under its first name
         self.buckets, entries, offset = [], [], 0
         for name, p in reversed(self.params.items()):  # reverse registration order ~ backward order
             if entries and (offset + p.numel() > bucket_bytes // p.element_size()
-                            or (p.dtype, p.device) != (entries[0][1].dtype, entries[0][1].device)):
-                self.buckets.append(_Bucket(entries, self.world, self.rank, zero_stage))
+                            or (p.dtype, p.device) != (entries[0].param.dtype, entries[0].param.device)):
+                self.buckets.append(_Bucket(entries, self.world, self.rank, zero_stage, decays))
                 entries, offset = [], 0
-            entries.append((name, p, offset))
+            entries.append(_Entry(name, p, offset))
             offset = _round_up(offset + p.numel(), ALIGN)
         if entries:
-            self.buckets.append(_Bucket(entries, self.world, self.rank, zero_stage))
+            self.buckets.append(_Bucket(entries, self.world, self.rank, zero_stage, decays))
         for b in self.buckets:
-            # Decoupled weight decay applies to these ranges of the shard (merged when adjacent).
-            b.decay = []
-            for name, lo, hi, _ in b.owned:
-                if name.endswith(("norm.weight", ".bias")) or weight_decay == 0:
-                    continue
-                if b.decay and b.decay[-1][1] == lo:
-                    b.decay[-1] = (b.decay[-1][0], hi)
-                else:
-                    b.decay.append((lo, hi))
-            for _, p, offset in b.entries:
-                # Fires once per backward, after all uses of the parameter (a tied embedding/head
-                # included) have been summed into param.grad.
+            for _, p, offset in b.entries:  # fires once per backward, all uses (a tied head too) summed
                 p.register_post_accumulate_grad_hook(
                     lambda param, b=b, offset=offset: self._on_grad(b, offset, param))
         self._pending = []  # stage 2: (work, bucket) reduce-scatters in flight, oldest first
-        self._next = 0  # stage 2: the next bucket to launch in this backward
-        self._in_backward = False
+        self.launched, self._in_backward = 0, False  # stage 2: buckets launched so far in this backward
+
+    def buffer_numel(self) -> dict[str, int]:
+        """Elements held now: `weights` (training dtype); float32 `shard` (masters, moments, gradient each),
+        stage 1's `full_grad` and stage 2's `staging` (buckets in flight)."""
+        return dict(weights=sum(b.numel for b in self.buckets), shard=sum(b.master.numel() for b in self.buckets),
+                    full_grad=sum(b.full_grad.numel() for b in self.buckets if b.full_grad is not None),
+                    staging=sum(b.staging.numel() for b in self.buckets if b.staging is not None))
 
     # -----------------------------------------------------------------------------------------
     # Gradients: hooks during backward
@@ -134,11 +153,12 @@ class ZeroAdamW:
     def _on_grad(self, b: _Bucket, offset: int, param: torch.Tensor) -> None:
         grad = param.grad.flatten()
         param.grad = None  # from here on the gradient lives only in float32 buffers
-        if self.world == 1 or self.stage == 1:
-            target = b.full_grad if b.full_grad is not None else b.grad
-            target[offset : offset + grad.numel()].add_(grad)
+        if self.world == 1 or self.stage == 1:  # summed here; at stage 1 reduce() reduce-scatters them
+            (b.full_grad if b.full_grad is not None else b.grad)[offset : offset + grad.numel()].add_(grad)
             return
-        if not self._in_backward:
+        if not self._in_backward:  # the first gradient of this backward (each must reach one parameter)
+            # A private PyTorch hook (no public equivalent; DDP and FSDP use it the same way): run
+            # _end_backward once the autograd engine has finished this backward pass, on its thread.
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
         if b.staging is None:
@@ -149,8 +169,8 @@ class ZeroAdamW:
 
     def _launch_buckets(self, only_complete: bool) -> None:
         """Launch buckets in order: every rank must issue the same reduce-scatters in the same order."""
-        while self._next < len(self.buckets):
-            b = self.buckets[self._next]
+        while self.launched < len(self.buckets):
+            b = self.buckets[self.launched]
             if only_complete and b.ready < len(b.entries):
                 return
             if b.staging is None:  # no parameter of this bucket got a gradient in this backward
@@ -162,7 +182,7 @@ class ZeroAdamW:
             work = _reduce_scatter(b.grad, b.staging, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
             self._pending.append((work, b))
             b.ready = 0
-            self._next += 1
+            self.launched += 1
 
     def _wait(self, keep: int) -> None:
         """Wait for the oldest reduce-scatters until at most `keep` are in flight; free their staging."""
@@ -174,61 +194,53 @@ class ZeroAdamW:
     def _end_backward(self) -> None:
         self._launch_buckets(only_complete=False)
         self._wait(0)
-        self._next, self._in_backward = 0, False
+        self.launched, self._in_backward = 0, False
 
     # -----------------------------------------------------------------------------------------
-    # The step
+    # The step: reduce() gives the global gradient norm; the caller checks it, then update() clips,
+    # takes the AdamW step and publishes the weights (or, for a step to skip, zero_grad() drops it).
 
     @torch.no_grad()
     def zero_grad(self) -> None:
         """Start a step's accumulation: call once before its first micro-batch."""
-        for b in self.buckets:
-            b.grad.zero_()
-            if b.full_grad is not None:
-                b.full_grad.zero_()
+        for grad in [b.grad for b in self.buckets] + [b.full_grad for b in self.buckets if b.full_grad is not None]:
+            grad.zero_()
 
     @torch.no_grad()
-    def step(self, lr: float, max_grad_norm: float) -> float:
-        """Reduce, clip to `max_grad_norm` (<= 0: no clipping), AdamW with `lr`, all-gather the weights.
-        Returns the global gradient norm before clipping."""
+    def reduce(self) -> torch.Tensor:
+        """Finish the reduce-scatters; return the global gradient L2 norm, as a device tensor (no sync)."""
         self._wait(0)
         if self.stage == 1 and self.world > 1:
-            works = [_reduce_scatter(b.grad, b.full_grad, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-                     for b in self.buckets]
-            for work in works:
+            for work in [_reduce_scatter(b.grad, b.full_grad, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+                         for b in self.buckets]:  # all launched, then awaited
                 work.wait()
-        # Global L2 norm: squares summed over this rank's shards (padding is zero), then over ranks.
+        # Squares summed over this rank's shards (padding is zero), then over ranks.
         square = torch.stack([torch.linalg.vector_norm(b.grad) for b in self.buckets]).square().sum()
         if self.world > 1:
             dist.all_reduce(square, group=self.group)
-        norm = square.sqrt()
+        return square.sqrt()
+
+    @torch.no_grad()
+    def update(self, lr: float, max_grad_norm: float, norm: torch.Tensor) -> None:
+        """Clip the reduced gradients to `max_grad_norm` (<= 0: no clipping) given their `norm`, take an
+        AdamW step with `lr` on the float32 shards, and publish the new weights to every rank."""
         if max_grad_norm > 0:
             # As torch.nn.utils.clip_grad_norm_: a tensor coefficient, so no host synchronization here.
             coef = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             for b in self.buckets:
                 b.grad.mul_(coef)
-        # AdamW, the same operations as torch.optim.AdamW's single-tensor path, on float32 shards.
-        self.lr, self.step_count = lr, self.step_count + 1
-        beta1, beta2 = self.betas
-        step_size = lr / (1 - beta1**self.step_count)
-        bias_correction2_sqrt = (1 - beta2**self.step_count) ** 0.5
+        self.step_count += 1
         for b in self.buckets:
-            for lo, hi in b.decay:
-                b.master[lo:hi].mul_(1 - lr * self.weight_decay)
-            b.exp_avg.lerp_(b.grad, 1 - beta1)
-            b.exp_avg_sq.mul_(beta2).addcmul_(b.grad, b.grad, value=1 - beta2)
-            denom = (b.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            b.master.addcdiv_(b.exp_avg, denom, value=-step_size)
+            adamw_step(b.master, b.grad, b.exp_avg, b.exp_avg_sq, step=self.step_count, lr=lr, betas=self.betas,
+                       eps=self.eps, weight_decay=self.weight_decay, decay_ranges=b.decay_ranges)
         self._publish_weights()
-        return norm.item()
 
     def _publish_weights(self) -> None:
         """Each rank casts its master shard into its slice of the buckets; the all-gather fills the rest."""
         for b in self.buckets:
             b.shard.copy_(b.master)
         if self.world > 1:
-            works = [_all_gather(b.data, b.shard, group=self.group, async_op=True) for b in self.buckets]
-            for work in works:
+            for work in [_all_gather(b.data, b.shard, group=self.group, async_op=True) for b in self.buckets]:
                 work.wait()
 
     # -----------------------------------------------------------------------------------------
@@ -237,10 +249,9 @@ class ZeroAdamW:
     KINDS = ("master", "exp_avg", "exp_avg_sq")
 
     def sharded_state(self) -> dict[str, torch.Tensor]:
-        """This rank's part of the optimizer as plain named tensors (safetensors-ready): `step`, and for
-        every parameter NAME this rank owns a part of, `master/NAME`, `exp_avg/NAME`, `exp_avg_sq/NAME`
-        (float32, the owned slice of the flattened parameter) and `range/NAME` = [begin, end, numel]
-        (int64: where the slice lies in the flattened parameter, and that parameter's size)."""
+        """This rank's part as named tensors: `step`; for each parameter NAME it owns a slice of, that slice
+        of `master/NAME`, `exp_avg/NAME`, `exp_avg_sq/NAME` (float32), and `range/NAME` = [begin, end,
+        numel] (int64: where the slice lies in the flattened parameter, and that parameter's size)."""
         state = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
         for b in self.buckets:
             for name, lo, hi, begin in b.owned:
@@ -254,41 +265,33 @@ class ZeroAdamW:
         """Load the `sharded_state()` of every rank of a saved run (any number of ranks), given as objects
         with `.keys()` and `.get_tensor(key)` (safetensors `safe_open` handles). This rank reads only
         the slices that overlap what it owns; then the weights are set from the masters."""
-        pieces, steps = {}, set()  # name -> [(shard, begin, end)]
+        pieces, steps = {name: [] for name in self.params}, set()  # name -> [(shard, begin, end)]
         for shard in shards:
             keys = set(shard.keys())
-            for key in shard.keys():
-                if key == "step":
-                    steps.add(int(shard.get_tensor(key)))
-                if not key.startswith("range/"):
-                    continue
-                name = key[len("range/"):]
+            steps.update(int(shard.get_tensor(key)) for key in keys if key == "step")
+            for name in (key[len("range/"):] for key in keys if key.startswith("range/")):
                 if name not in self.params:
                     raise ValueError(f"optimizer checkpoint has tensor '{name}', which the model does not have")
-                begin, end, numel = shard.get_tensor(key).tolist()
+                begin, end, numel = shard.get_tensor(f"range/{name}").tolist()
                 if numel != self.params[name].numel():
                     raise ValueError(f"optimizer checkpoint: tensor '{name}' has {numel} elements, the model's "
                                      f"has {self.params[name].numel()} (a checkpoint of another model?)")
-                for kind in self.KINDS:
-                    if f"{kind}/{name}" not in keys:
-                        raise ValueError(f"optimizer checkpoint: '{kind}/{name}' is missing")
-                pieces.setdefault(name, []).append((shard, begin, end))
+                for missing in (f"{kind}/{name}" for kind in self.KINDS if f"{kind}/{name}" not in keys):
+                    raise ValueError(f"optimizer checkpoint: '{missing}' is missing")
+                pieces[name].append((shard, begin, end))
         if len(steps) != 1:
             raise ValueError(f"optimizer checkpoint: expected one step count over its shards, found {sorted(steps)}")
-        for name in self.params:
-            if name not in pieces:
-                raise ValueError(f"optimizer checkpoint has no state for tensor '{name}'")
+        for name in (name for name, found in pieces.items() if not found):
+            raise ValueError(f"optimizer checkpoint has no state for tensor '{name}'")
         for b in self.buckets:
             for name, lo, hi, begin in b.owned:
                 end, covered = begin + hi - lo, 0
                 for shard, s, e in pieces[name]:
                     a, z = max(begin, s), min(end, e)  # overlap, in the flattened parameter
-                    if a >= z:
-                        continue
-                    for kind in self.KINDS:
+                    for kind in self.KINDS if a < z else ():
                         saved = shard.get_tensor(f"{kind}/{name}")
                         getattr(b, kind)[lo + a - begin : lo + z - begin].copy_(saved[a - s : z - s])
-                    covered += z - a
+                    covered += max(0, z - a)
                 if covered != end - begin:
                     raise ValueError(f"optimizer checkpoint covers {covered} of the {end - begin} elements "
                                      f"[{begin}, {end}) of tensor '{name}' this rank needs (incomplete shards?)")

@@ -14,6 +14,18 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton 3.6's interpreter holds a scalar as a 1-element array and calls int() on it when the
+    # scalar bounds a loop (`range(0, V, BLOCK)`); NumPy >= 2.4 refuses int() of a 1-d array.
+    # Take the one element instead. Only the interpreter needs this, and only the tests use it.
+    import triton.runtime.interpreter as _interpreter
+
+    def _patch_lang_tensor(tensor, scope, _patch=_interpreter._patch_lang_tensor):
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import export
 from export import ExportError, base_model_dict_from_hf, export_llama, load_llama_weights, model_config_from_dict
-from model import BaseModelConfig, Llama, NormalizationConfig, RotaryConfig, TransformerConfig, count_parameters
+from helpers import build_llama, llama_config
+from model import BaseModelConfig, Llama, NormalizationConfig, count_parameters
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,11 +24,8 @@ SEQ = 48  # longer than original_context_length below, so the llama3 scaling dec
 
 def tiny_config(tied=False, head_dim=32, biases=False, activation="silu", vocab=128) -> BaseModelConfig:
     # head_dim 32 with theta 500000 and original context 32: one frequency kept, one blended, the rest scaled.
-    return BaseModelConfig(tie_word_embeddings=tied, vocab_size=vocab, transformer=TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, head_groups=2, kv_channels=head_dim,
-        ffn_hidden_size=96, gated=True, activation_type=activation, add_linear_biases=biases,
-        normalization=NormalizationConfig("rms_norm", 1e-5), use_rotary_embeddings=True,
-        rotary_embedding_scale=-math.log(500000.0), rotary=RotaryConfig("llama3", 8.0, 1.0, 4.0, 32)))
+    return llama_config(head_dim=head_dim, ffn=96, vocab=vocab, tied=tied, biases=biases, activation=activation,
+                        impl="auto")
 
 
 @torch.no_grad()
@@ -39,10 +37,7 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def our_model(config: BaseModelConfig, dtype=torch.float32, seed=0) -> Llama:
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = Llama(config, SEQ, dtype)
-    model.init_weights("cpu")
+    model = build_llama(config, SEQ, dtype, seed=seed)
     perturb(model, seed)
     return model
 

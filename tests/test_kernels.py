@@ -12,6 +12,7 @@ import torch
 
 import kernels
 import model
+from helpers import build_llama, llama_config
 
 # Norm-relative error allowed for each dtype: a few units of its rounding (2^-24, 2^-11, 2^-8).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -185,18 +186,8 @@ def test_cross_entropy_memory_gpu():
 
 
 def tiny_losses(device, dtype, impl, steps=3):
-    config = model.BaseModelConfig(
-        cross_entropy_impl=impl, tie_word_embeddings=False, vocab_size=257,
-        transformer=model.TransformerConfig(
-            num_layers=2, hidden_size=64, num_attention_heads=4, head_groups=2, gated=True,
-            add_linear_biases=False, use_rotary_embeddings=True,
-            normalization=model.NormalizationConfig(type="rms_norm"),
-        ),
-    )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        net = model.Llama(config, max_sequence_length=16, dtype=dtype)
-    net.init_weights(device)
+    config = llama_config(vocab=257, impl=impl, theta=10000.0, scaling="none")
+    net = build_llama(config, 16, dtype, device, seed=0)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(1)
     losses = []
@@ -219,6 +210,6 @@ def test_model_fused_cross_entropy_cpu():
 @pytest.mark.gpu
 def test_model_kernels_on_off_gpu(monkeypatch):
     on = tiny_losses("cuda", torch.bfloat16, "auto")
-    monkeypatch.setattr(model, "USE_KERNELS", False)
+    monkeypatch.setattr(model, "FORCE_TWINS", True)
     off = tiny_losses("cuda", torch.bfloat16, "auto")
     assert on == pytest.approx(off, rel=2e-2)

@@ -181,6 +181,23 @@ def test_validation_on_an_empty_split_is_refused(setup, capsys):
     assert "validation split" in capsys.readouterr().err and not exp.exists()
 
 
+@pytest.mark.parametrize("triton", ["missing", "cpu"])
+def test_fused_cross_entropy_where_it_cannot_run_is_a_clear_error(setup, capsys, monkeypatch, triton):
+    import kernels
+    import model
+
+    config, exp = setup
+    if triton == "missing":
+        monkeypatch.setattr(model, "kernels", None)  # as on a machine without Triton
+    else:
+        monkeypatch.setattr(kernels, "INTERPRETED", False)  # as on a CPU without Triton's interpreter
+    assert train.main([str(config), "model.base_model.cross_entropy_impl=fused"]) == 2
+    err = capsys.readouterr().err
+    assert "cross_entropy_impl is `fused`" in err and ("not installed" if triton == "missing" else "on cpu") in err
+    assert not exp.exists()
+    assert train.main([str(config), "model.base_model.cross_entropy_impl=auto", "training.train_iters=1"]) == 0
+
+
 def test_continuing_from_a_transformers_model_starts_at_its_loss(setup, tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -285,7 +302,7 @@ def test_bf16_zero2_on_gpu_learns_the_same_with_kernels_on_and_off(setup, monkey
     config, exp = setup
     common = [str(config), "training.train_iters=30", "model.distributed.training_dtype=bf16", "model.multi_stage.zero_stage=2"]
     assert train.main(common) == 0
-    monkeypatch.setattr(model, "USE_KERNELS", False)
+    monkeypatch.setattr(model, "FORCE_TWINS", True)
     assert train.main(common + [f"run.experiment_dir={exp}-twins"]) == 0
     on, off = metrics(exp, "loss"), metrics(Path(f"{exp}-twins"), "loss")
     assert on[30] < 0.5 * on[1] and off[30] < 0.5 * off[1]

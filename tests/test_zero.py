@@ -15,10 +15,16 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import BaseModelConfig, Llama, NormalizationConfig, TransformerConfig
+from helpers import build_llama, llama_config
 from zero import ZeroAdamW
 
-HP = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+def no_norms_or_biases(name: str) -> bool:  # the weight-decay policy train.py gives the optimizer
+    return not name.endswith(("norm.weight", ".bias"))
+
+
+HP = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)  # as torch.optim.AdamW takes them
+ZERO_HP = dict(HP, decays=no_norms_or_biases)
 LRS = [1e-3, 3e-3, 2e-3, 2e-3, 1e-3]  # learning rate of each step
 SEQ, MICRO = 32, 2  # tokens per sequence, sequences per micro-batch
 RANKS, ACC = 2, 2  # a step's global batch: RANKS x ACC micro-batches (1 process: RANKS x ACC accumulation steps)
@@ -26,15 +32,15 @@ SAVE_AT, STEPS = 3, 5  # checkpoint after SAVE_AT steps, then continue to STEPS
 SMALL_BUCKETS = 2**14  # bytes: the tiny model spans ~10 buckets, and shards cut through parameters
 
 
-def tiny_llama(tie: bool, seed: int = 0, vocab: int = 128, biases: bool = False) -> Llama:
-    transformer = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, head_groups=2, gated=True, add_linear_biases=biases,
-        normalization=NormalizationConfig(type="rms_norm"), use_rotary_embeddings=True)
-    config = BaseModelConfig(cross_entropy_impl="torch", tie_word_embeddings=tie, vocab_size=vocab, transformer=transformer)
-    with torch.device("meta"):
-        model = Llama(config, SEQ, torch.float32)
-    torch.manual_seed(seed)
-    return model.init_weights("cpu")
+def tiny_llama(tie: bool, seed: int = 0, vocab: int = 128, biases: bool = False):
+    return build_llama(llama_config(vocab=vocab, tied=tie, biases=biases, theta=10000.0, scaling="none"), SEQ, seed=seed)
+
+
+def take_step(opt: ZeroAdamW, lr: float, max_grad_norm: float) -> float:
+    """A whole optimizer step as train.py takes it: reduce, then clip, update and publish."""
+    norm = opt.reduce()
+    opt.update(lr, max_grad_norm, norm)
+    return norm.item()
 
 
 def micro_batch(step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +63,7 @@ def train(model, opt, steps, rank: int = 0, world: int = 1) -> dict:
         if world > 1:
             dist.all_reduce(total)
         losses.append(total.item() / (acc * world))
-        norms.append(opt.step(LRS[step], 1.0))
+        norms.append(take_step(opt, LRS[step], 1.0))
     return dict(losses=losses, norms=norms, weights=weights(model))
 
 
@@ -95,7 +101,7 @@ def open_shards(paths) -> list:
 @pytest.mark.parametrize("stage", [1, 2])
 def test_world_size_1_is_torch_adamw(stage):
     model, ref = tiny_llama(tie=False, biases=True), tiny_llama(tie=False, biases=True)
-    opt = ZeroAdamW(model, lr=LRS[0], zero_stage=stage, bucket_bytes=SMALL_BUCKETS, **HP)
+    opt = ZeroAdamW(model, zero_stage=stage, bucket_bytes=SMALL_BUCKETS, **ZERO_HP)
     names = [n for n, _ in ref.named_parameters()]
     assert any(n.endswith(".bias") for n in names) and any(n.endswith("norm.weight") for n in names)
     decay = [p for n, p in ref.named_parameters() if not n.endswith(("norm.weight", ".bias"))]
@@ -109,7 +115,7 @@ def test_world_size_1_is_torch_adamw(stage):
             (model(*micro_batch(step, m)) / 2).backward()
             (ref(*micro_batch(step, m)) / 2).backward()
         assert all(p.grad is None for p in model.parameters())  # gradients live in the optimizer's buffers
-        norm = opt.step(lr, clip)
+        norm = take_step(opt, lr, clip)
         ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip if clip > 0 else math.inf)
         for group in ref_opt.param_groups:
             group["lr"] = lr
@@ -125,16 +131,16 @@ def test_bf16_training_keeps_float32_masters():
     model, ref = (torch.nn.Linear(1, 64, bias=False, dtype=torch.bfloat16) for _ in range(2))
     for m in (model, ref):
         m.weight.data.fill_(1.0)
-    kw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    opt, ref_opt = ZeroAdamW(model, **kw), torch.optim.AdamW(ref.parameters(), **kw)
+    kw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt, ref_opt = ZeroAdamW(model, **kw), torch.optim.AdamW(ref.parameters(), lr=1e-4, **kw)
     for _ in range(50):  # gradient 1 everywhere: each AdamW step moves a weight by about lr = 1e-4
         opt.zero_grad()
         ref_opt.zero_grad()
         model.weight.sum().backward()
         ref.weight.sum().backward()
-        opt.step(1e-4, 0.0)
+        take_step(opt, 1e-4, 0.0)
         ref_opt.step()
-    master = opt.buckets[0].master[:64]
+    master = opt.sharded_state()["master/weight"]
     assert master.dtype == torch.float32 and model.weight.dtype == torch.bfloat16
     torch.testing.assert_close(master, torch.full((64,), 1 - 50e-4), rtol=0, atol=1e-6)
     assert torch.equal(model.weight.flatten(), master.to(torch.bfloat16))  # 0.995 -> bf16 0.99609375
@@ -142,18 +148,18 @@ def test_bf16_training_keeps_float32_masters():
 
 
 def test_load_rejects_another_models_state():
-    state = ZeroAdamW(tiny_llama(tie=True), lr=1e-3, **HP).sharded_state()
+    state = ZeroAdamW(tiny_llama(tie=True), **ZERO_HP).sharded_state()
     name = "layers.1.mlp.up_proj.weight"
     missing = {k: v for k, v in state.items() if not k.endswith("/" + name)}
     with pytest.raises(ValueError, match=re.escape(f"no state for tensor '{name}'")):
-        ZeroAdamW(tiny_llama(tie=True), lr=1e-3, **HP).load_sharded_state([Shard(missing)])
+        ZeroAdamW(tiny_llama(tie=True), **ZERO_HP).load_sharded_state([Shard(missing)])
     no_moment = {k: v for k, v in state.items() if k != f"exp_avg_sq/{name}"}
     with pytest.raises(ValueError, match=re.escape(f"'exp_avg_sq/{name}' is missing")):
-        ZeroAdamW(tiny_llama(tie=True), lr=1e-3, **HP).load_sharded_state([Shard(no_moment)])
+        ZeroAdamW(tiny_llama(tie=True), **ZERO_HP).load_sharded_state([Shard(no_moment)])
     with pytest.raises(ValueError, match=re.escape("'embed_tokens.weight' has 8192 elements, the model's has 16384")):
-        ZeroAdamW(tiny_llama(tie=True, vocab=256), lr=1e-3, **HP).load_sharded_state([Shard(state)])
+        ZeroAdamW(tiny_llama(tie=True, vocab=256), **ZERO_HP).load_sharded_state([Shard(state)])
     with pytest.raises(ValueError, match=re.escape("no state for tensor 'lm_head.weight'")):
-        ZeroAdamW(tiny_llama(tie=False), lr=1e-3, **HP).load_sharded_state([Shard(state)])
+        ZeroAdamW(tiny_llama(tie=False), **ZERO_HP).load_sharded_state([Shard(state)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,13 +174,13 @@ def worker(rank: int, folder: str) -> None:
     for stage in (1, 2):
         for tie in (True, False):
             model = tiny_llama(tie)
-            opt = ZeroAdamW(model, lr=LRS[0], zero_stage=stage, bucket_bytes=SMALL_BUCKETS, **HP)
+            opt = ZeroAdamW(model, zero_stage=stage, bucket_bytes=SMALL_BUCKETS, **ZERO_HP)
             # Sample the float32 staging memory after every gradient hook (these run after the optimizer's).
             peak, launched = [0], [0]
 
             def sample(_, opt=opt, peak=peak, launched=launched):
-                peak[0] = max(peak[0], sum(b.staging.numel() for b in opt.buckets if b.staging is not None))
-                launched[0] = max(launched[0], opt._next)  # stage 2: buckets launched so far in this backward
+                peak[0] = max(peak[0], opt.buffer_numel()["staging"])
+                launched[0] = max(launched[0], opt.launched)  # stage 2: buckets launched so far in this backward
 
             for p in model.parameters():
                 p.register_post_accumulate_grad_hook(sample)
@@ -185,24 +191,22 @@ def worker(rank: int, folder: str) -> None:
             out[stage, tie] = dict(
                 losses=first["losses"] + rest["losses"], norms=first["norms"] + rest["norms"],
                 weights=rest["weights"], saved=saved, continued=rest["losses"], peak_staging=peak[0],
-                shard_numel=sum(b.grad.numel() for b in opt.buckets), numel=sum(b.numel for b in opt.buckets),
-                full_grads=sum(b.full_grad is not None for b in opt.buckets), buckets=len(opt.buckets),
-                launched_in_backward=launched[0],
+                buffers=opt.buffer_numel(), buckets=len(opt.buckets), launched_in_backward=launched[0],
                 grads_left=sum(p.grad is not None for p in model.parameters()))
     for tie in (True, False):
         # 2 ranks -> 2 ranks, into a model initialized differently: the load must set the weights.
         model = tiny_llama(tie, seed=1)
-        opt = ZeroAdamW(model, lr=LRS[0], zero_stage=2, bucket_bytes=SMALL_BUCKETS, **HP)
+        opt = ZeroAdamW(model, zero_stage=2, bucket_bytes=SMALL_BUCKETS, **ZERO_HP)
         opt.load_sharded_state(open_shards(f"{folder}/s2-{tie}-rank{r}.safetensors" for r in range(RANKS)))
         out["resume", tie] = dict(loaded=weights(model), **train(model, opt, range(SAVE_AT, STEPS), rank, RANKS))
         # 1 rank -> 2 ranks
         model = tiny_llama(tie, seed=1)
-        opt = ZeroAdamW(model, lr=LRS[0], zero_stage=1, **HP)  # default bucket size: one bucket
+        opt = ZeroAdamW(model, zero_stage=1, **ZERO_HP)  # default bucket size: one bucket
         opt.load_sharded_state(open_shards([f"{folder}/ref-{tie}.safetensors"]))
         out["from1", tie] = dict(loaded=weights(model), **train(model, opt, range(SAVE_AT, STEPS), rank, RANKS))
     for stage in (1, 2):
         model = partly_used()
-        out["partly", stage] = train_partly_used(model, ZeroAdamW(model, lr=1e-2, zero_stage=stage, bucket_bytes=1024, **HP),
+        out["partly", stage] = train_partly_used(model, ZeroAdamW(model, zero_stage=stage, bucket_bytes=1024, **ZERO_HP),
                                                  rank, RANKS)
     torch.save(out, f"{folder}/result{rank}.pt")
     dist.destroy_process_group()
@@ -225,7 +229,7 @@ def train_partly_used(model, opt, rank: int = 0, world: int = 1) -> dict:
             x = torch.randn(4, 16, generator=torch.Generator().manual_seed(100 * step + index))
             y = model["a"](x) if index == 2 else model["b"](model["a"](x))
             (y.square().mean() / (acc * world)).backward()
-        opt.step(1e-2, 1.0)
+        take_step(opt, 1e-2, 1.0)
     return dict(buckets=len(opt.buckets), weights=weights(model))
 
 
@@ -236,7 +240,7 @@ def runs(tmp_path_factory):
     ref = {}
     for tie in (True, False):
         model = tiny_llama(tie)
-        opt = ZeroAdamW(model, lr=LRS[0], bucket_bytes=SMALL_BUCKETS, **HP)
+        opt = ZeroAdamW(model, bucket_bytes=SMALL_BUCKETS, **ZERO_HP)
         first = train(model, opt, range(SAVE_AT))
         save_file(opt.sharded_state(), folder / f"ref-{tie}.safetensors")
         saved = weights(model)
@@ -244,7 +248,7 @@ def runs(tmp_path_factory):
         ref[tie] = dict(losses=first["losses"] + rest["losses"], norms=first["norms"] + rest["norms"],
                         weights=rest["weights"], saved=saved, continued=rest["losses"])
     model = partly_used()
-    ref["partly"] = train_partly_used(model, ZeroAdamW(model, lr=1e-2, bucket_bytes=1024, **HP))
+    ref["partly"] = train_partly_used(model, ZeroAdamW(model, bucket_bytes=1024, **ZERO_HP))
     mp.spawn(worker, args=(str(folder),), nprocs=RANKS)
     ranks = [torch.load(folder / f"result{r}.pt") for r in range(RANKS)]
     return folder, ref, ranks
@@ -270,10 +274,11 @@ def test_stage_2_holds_no_full_gradient_buffer(runs):
     for tie in (True, False):
         for rank in ranks:
             s1, s2 = rank[1, tie], rank[2, tie]
-            assert s1["full_grads"] == s1["buckets"] and s1["peak_staging"] == 0  # stage 1: a full float32 copy
-            assert s2["full_grads"] == 0  # stage 2: only the shard, plus staging for buckets in flight
-            assert s2["shard_numel"] * RANKS == s2["numel"]
-            assert 0 < s2["peak_staging"] <= s2["numel"] // 2, (s2["peak_staging"], s2["numel"])
+            numel = s1["buffers"]["weights"]
+            assert s1["buffers"]["full_grad"] == numel and s1["peak_staging"] == 0  # stage 1: a full float32 copy
+            assert s2["buffers"]["full_grad"] == 0  # stage 2: only the shard, plus staging for buckets in flight
+            assert s2["buffers"]["shard"] * RANKS == numel and s2["buffers"]["staging"] == 0  # freed after backward
+            assert 0 < s2["peak_staging"] <= numel // 2, (s2["peak_staging"], numel)
 
 
 def test_stage_2_reduces_during_backward(runs):
@@ -302,7 +307,7 @@ def test_resume_on_same_world_size_is_exact(runs, tie):
             assert torch.equal(resumed["loaded"][k], original["saved"][k]), k
             assert torch.equal(resumed["weights"][k], w), k
     model = tiny_llama(tie, seed=1)  # 1 rank -> 1 rank (bit-exact needs the same buckets: same norm summation)
-    opt = ZeroAdamW(model, lr=LRS[0], zero_stage=2, bucket_bytes=SMALL_BUCKETS, **HP)
+    opt = ZeroAdamW(model, zero_stage=2, bucket_bytes=SMALL_BUCKETS, **ZERO_HP)
     opt.load_sharded_state(open_shards([folder / f"ref-{tie}.safetensors"]))
     assert opt.step_count == SAVE_AT
     resumed = train(model, opt, range(SAVE_AT, STEPS))
@@ -316,7 +321,7 @@ def test_reshard_two_ranks_to_one_and_back(runs, tie):
     folder, ref, ranks = runs
     for stage in (1, 2):  # 2 ranks -> 1 rank
         model = tiny_llama(tie, seed=1)
-        opt = ZeroAdamW(model, lr=LRS[0], **HP)
+        opt = ZeroAdamW(model, **ZERO_HP)
         opt.load_sharded_state(open_shards(folder / f"s{stage}-{tie}-rank{r}.safetensors" for r in range(RANKS)))
         original = ranks[0][stage, tie]
         for k, w in original["saved"].items():  # exactly where the 2-rank run was
@@ -331,6 +336,6 @@ def test_reshard_two_ranks_to_one_and_back(runs, tie):
         assert resumed["losses"] == pytest.approx(ref[tie]["continued"], abs=1e-5, rel=0)
         assert_close_weights(resumed["weights"], ref[tie]["weights"], atol=1e-5)
     # Only one rank's file of a 2-rank checkpoint: the rest of each tensor is missing.
-    opt = ZeroAdamW(tiny_llama(tie), lr=LRS[0], **HP)
+    opt = ZeroAdamW(tiny_llama(tie), **ZERO_HP)
     with pytest.raises(ValueError, match="no state for tensor|covers .* elements"):
         opt.load_sharded_state(open_shards([folder / f"s2-{tie}-rank0.safetensors"]))
