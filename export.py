@@ -71,7 +71,7 @@ def _read_json(file: Path, what: str):
 
 
 def base_model_dict_from_hf(path) -> dict:
-    """`model.base_model` keys (SCHEMA.md) read from a Hugging Face Llama folder's config.json,
+    """`model.base_model` keys (docs/schema.md) read from a Hugging Face Llama folder's config.json,
     written by transformers 4 (rope_theta + rope_scaling) or 5 (rope_parameters)."""
     path = Path(path)
     if not path.is_dir():

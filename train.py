@@ -35,7 +35,7 @@ from model import BaseModelConfig, Llama, count_parameters
 from zero import ZeroAdamW
 
 # ---------------------------------------------------------------------------------------------
-# The schema: one dataclass per YAML section (SCHEMA.md). `None` marks a required key or "off".
+# The schema: one dataclass per YAML section (docs/schema.md). `None` marks a required key or "off".
 
 
 @dataclass
@@ -140,7 +140,7 @@ class Config:
 
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}
-H100_PEAK_FLOPS = 989e12  # dense bf16, the MFU denominator of PERF.md
+H100_PEAK_FLOPS = 989e12  # dense bf16, the MFU denominator of docs/performance.md
 
 
 class ConfigError(Exception):
@@ -494,7 +494,7 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
     step, consumed = trainer["step"], trainer["consumed"]
     loaders = {s: Loader(data, s, consumed.get(s, 0), b.batch_size, b.micro_batch_size, rank, world, device)
                for s in ("train", "validation")}
-    # PERF.md: 6 N + 12 L H Q T, N without the input embedding (a tied one counts as the head).
+    # docs/performance.md: 6 N + 12 L H Q T, N without the input embedding (a tied one counts as the head).
     n_params, tr = count_parameters(model), config.model.base_model.transformer
     embedding = 0 if config.model.base_model.tie_word_embeddings else model.embed_tokens.weight.numel()
     flops_per_token = 6 * (n_params - embedding) + 12 * tr.num_layers * tr.num_attention_heads * tr.head_dim * b.sequence_length
