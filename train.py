@@ -35,7 +35,7 @@ from model import BaseModelConfig, Llama, count_parameters, flops_per_token, fus
 from zero import ZeroAdamW
 
 # ---------------------------------------------------------------------------------------------
-# The schema: one dataclass per YAML section (SCHEMA.md). `None` marks a required key or "off".
+# The schema: one dataclass per YAML section (docs/schema.md). `None` marks a required key or "off".
 
 
 @dataclass
@@ -140,7 +140,7 @@ class Config:
 
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}
-H100_PEAK_FLOPS = 989e12  # dense bf16, the MFU denominator of PERF.md
+H100_PEAK_FLOPS = 989e12  # dense bf16, the MFU denominator of docs/performance.md
 
 
 class ConfigError(Exception):

@@ -2,7 +2,7 @@
 
     python bench/kernels.py --out bench-kernels.md
 
-Shapes are PERF.md's: cross-entropy 16,384 tokens x 4096 x 128,256; RMSNorm 16,384 x 4096;
+Shapes are docs/performance.md's: cross-entropy 16,384 tokens x 4096 x 128,256; RMSNorm 16,384 x 4096;
 rotary q (4, 4096, 32, 128) and k (4, 4096, 8, 128); all bf16. Each row is forward+backward, the
 median of many runs (triton.testing.do_bench) on random data, and for the small ops also replayed
 in a CUDA graph (GPU time without launch gaps). Memory is the peak above what was allocated
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kernels  # noqa: E402
 import model  # noqa: E402
 
-GIB = 2**30  # memory in GiB, as PERF.md's table
+GIB = 2**30  # memory in GiB, as docs/performance.md's table
 
 
 def median_ms(fn, rep_ms=1000) -> float:

@@ -56,7 +56,7 @@ def test_round_trip_every_dtype(tmp_path, code):
 
 
 def write_by_hand(prefix: Path, docs: list[list[int]], code: int, fmt: str, order: list[int], gap: int = 0):
-    """FORMATS.md section 1 with struct, not our writer: documents stored in `order` in .bin, `gap` junk
+    """docs/formats.md section 1 with struct, not our writer: documents stored in `order` in .bin, `gap` junk
     bytes before each, so only the .idx pointers find them."""
     item = struct.calcsize("<" + fmt)
     blob, pointers = b"", [0] * len(docs)

@@ -1,5 +1,5 @@
 """Hugging Face Llama interop, checked against transformers on the CPU: export, import, round trip,
-tokenizer + generate, the Llama-3.1-8B config, and bad input (FORMATS.md section 3, issue 4)."""
+tokenizer + generate, the Llama-3.1-8B config, and bad input (docs/formats.md section 3, issue 4)."""
 import dataclasses
 import json
 import math
@@ -170,7 +170,7 @@ def test_export_after_import_is_bit_for_bit(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Llama-3.1-8B: the published config.json gives the seed recipe's model
 
-LLAMA_31_8B = {  # FORMATS.md section 3
+LLAMA_31_8B = {  # docs/formats.md section 3
     "architectures": ["LlamaForCausalLM"], "model_type": "llama",
     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,

@@ -47,7 +47,7 @@ run: {experiment_dir: EXP}
 
 def write_dataset_by_hand(folder: Path) -> Path:
     """200 documents, each a run of consecutive tokens mod 64 (learnable), written byte by byte from
-    FORMATS.md's layout with struct (dtype code 8, uint16), not with data.py's writer."""
+    docs/formats.md's layout with struct (dtype code 8, uint16), not with data.py's writer."""
     rng = np.random.default_rng(0)
     docs = [[(start + i) % 64 for i in range(size)] for start, size in zip(rng.integers(0, 64, 200), rng.integers(20, 60, 200))]
     blob = b"".join(struct.pack(f"<{len(d)}H", *d) for d in docs)
