@@ -12,10 +12,12 @@ validate, checkpoint and export on their intervals. Everything the run writes la
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import types
@@ -27,7 +29,6 @@ import torch
 import torch.distributed as dist
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import export
 from data import Data, DataConfig, DataError, Loader
@@ -68,6 +69,7 @@ class TrainingConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     test_iters: int = 0  # global batches of the test split evaluated once at the end
+    max_skipped_steps: int = 5  # (ours) non-finite steps in a row that are skipped; one more stops the run
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
@@ -151,56 +153,77 @@ class ConfigError(Exception):
 # Reading the YAML: types and unknown keys are checked against the dataclasses, with full key paths
 
 
-def build(cls, raw, path: str):
-    """Build dataclass `cls` from the parsed YAML mapping `raw` at key path `path`."""
+def build(cls, raw, path: str, errors: list[str]):
+    """Build dataclass `cls` from the parsed YAML mapping `raw` at key path `path`. Every unknown key and
+    wrong type is added to `errors` (its field keeps its default), so that all are reported at once."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"`{path}` must be a mapping of keys, got {raw!r}")
+        errors.append(f"`{path}` must be a mapping of keys, got {raw!r}")
+        raw = {}
     hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
+    values = {}
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean `{path}.{close[0]}`?" if close else f" Known keys: {', '.join(names)}."
-            raise ConfigError(f"unknown key `{path}.{key}`.{hint}")
-    return cls(**{key: convert(hints[key], value, f"{path}.{key}") for key, value in raw.items()})
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.7)  # only near misses
+            near = f"{path}.{close[0]}" if path and close else close[0] if close else None
+            hint = f" Did you mean `{near}`?" if near else f" Known keys: {', '.join(names)}."
+            errors.append(f"unknown key `{where}`.{hint}")
+            continue
+        try:
+            values[key] = convert(hints[key], value, where, errors)
+        except ConfigError as e:
+            errors.append(str(e))
+    return cls(**values)
 
 
-def convert(kind, value, path: str):
+def convert(kind, value, path: str, errors: list[str]):
     """Check `value` against the annotation `kind` (int, float, str, bool, list[float], X | None, a dataclass)."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         if value is None:
             return None
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
     if dataclasses.is_dataclass(kind):
-        return build(kind, value, path)
+        return build(kind, value, path, errors)
     if typing.get_origin(kind) is list:
         if not isinstance(value, list):
             raise ConfigError(f"`{path}` must be a list, got {value!r}")
-        return [convert(typing.get_args(kind)[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [convert(typing.get_args(kind)[0], v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    if typing.get_origin(kind) is dict:  # a mapping passed through as it is
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{path}` must be a mapping, got {value!r}")
+        return value
     if kind is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"`{path}` must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"`{path}` must be a finite number, got {value}")
     return value
 
 
-def load_config(path: str, overrides: list[str]) -> Config:
+def yaml_error(e: yaml.YAMLError, what: str) -> ConfigError:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return ConfigError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', None) or e}")
+
+
+def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
     """Parse the YAML file, apply `section.key=value` overrides, merge a pretrained config.json under
-    the file's own model.base_model keys, and build the dataclasses."""
+    the file's own model.base_model keys, build the dataclasses and validate them for `world_size`
+    ranks. Raises one ConfigError that lists every problem found."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"config file {path} does not exist")
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}")
+        raise yaml_error(e, path) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (training, batch, data, ...)")
     for item in overrides:
@@ -213,14 +236,24 @@ def load_config(path: str, overrides: list[str]) -> Config:
             if not isinstance(node.setdefault(part, {}), dict):
                 raise ConfigError(f"override `{item}`: `{part}` is not a section")
             node = node[part]
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise yaml_error(e, f"the value of command-line override `{item}`") from None
     pretrained = raw.get("pretrained")
     if isinstance(pretrained, dict) and pretrained.get("path"):
-        base = export.base_model_dict_from_hf(pretrained["path"])
+        base = pretrained_architecture(pretrained["path"], raw.get("run"))
         own = ((raw.get("model") or {}).get("base_model")) or {}
         raw.setdefault("model", {})
         raw["model"] = dict(raw["model"] or {}, base_model=merge(base, own))
-    return build(Config, raw, "config")
+    errors = []
+    config = build(Config, raw, "", errors)
+    # A key whose value had the wrong type kept its default: don't also report that default's value.
+    wrong = [e.split("`")[1] for e in errors if e.startswith("`")]
+    errors += [e for e in validate(config, world_size) if not any(e.startswith(w) for w in wrong)]
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return config
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -230,8 +263,8 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def validate(c: Config, world_size: int) -> None:
-    """Values the types alone don't rule out; every problem found is reported at once."""
+def validate(c: Config, world_size: int) -> list[str]:
+    """What is wrong with values that the types alone don't rule out."""
     t, lr, o = c.training, c.optimizer.learning_rate, c.optimizer
     checks = [
         (t.train_iters is None or t.train_iters < 1,
@@ -245,6 +278,7 @@ def validate(c: Config, world_size: int) -> None:
          "training.checkpoint.interval must be at least 1 (or null: off)"),
         (t.checkpoint.keep < 1, "training.checkpoint.keep must be at least 1"),
         (t.test_iters < 0, "training.test_iters must not be negative"),
+        (t.max_skipped_steps < 0, "training.max_skipped_steps must not be negative (0: stop at the first)"),
         (t.export.format != "llama", f"training.export.format `{t.export.format}` is not supported; use `llama`"),
         (t.export.interval is not None and t.export.interval < 1,
          "training.export.interval must be at least 1 (or null: off)"),
@@ -281,8 +315,7 @@ def validate(c: Config, world_size: int) -> None:
             f"batch_size values that fit: {' or '.join(map(str, fits))}; "
             f"micro_batch_size values that fit: {', '.join(map(str, micro)) or 'none at this number of ranks'}"
         )
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,10 +343,18 @@ def learning_rate(c: LearningRateConfig, step: int, train_iters: int) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: checkpoints/STEP/ holds the model weights (rank 0), each rank's optimizer shard and
-# random state, and the trainer state. It is written as checkpoints/.tmp-STEP and renamed when every
-# rank has finished, so a run killed mid-write leaves nothing that looks complete.
+# random state, the trainer state, and manifest.json: every file's size and SHA-256, computed while
+# the file is written. It is written as checkpoints/.tmp-STEP and renamed once every rank has
+# finished, so a run killed mid-write leaves nothing that looks complete. A resume verifies the
+# newest checkpoint against its manifest and falls back to an older one if it is damaged.
 
 EXECUTION_ONLY = ("cross_entropy_impl", "recompute_layers")  # model keys a resumed run may change
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint or export that could not be written (a full disk, an I/O error)."""
 
 
 @dataclass
@@ -323,12 +364,96 @@ class TrainerState:
     consumed: dict[str, int] = field(default_factory=lambda: {"train": 0, "validation": 0})  # samples read
     sequence_length: int = 0  # tokens per sample: the samples, so the data order, depend on it
     world_size: int = 1  # ranks that wrote the optimizer shards
+    weights_finite: bool = True  # false: a blown-up run; rotation keeps the newest checkpoint where it is true
+    skipped_in_a_row: int = 0  # non-finite steps skipped since the last good one
+    # The log interval so far: loss sum, finite steps, steps, seconds. Kept so that the first line logged
+    # after a resume is the one an uninterrupted run logs.
+    interval: list[float] = field(default_factory=lambda: [0.0, 0, 0, 0.0])
 
 
-def find_checkpoint(experiment_dir: Path) -> Path | None:
-    root = experiment_dir / "checkpoints"
-    steps = [int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / "trainer.json").exists()]
-    return root / str(max(steps)) if steps else None
+def write_file(path: Path, chunks) -> dict:
+    """Write the byte chunks to `path`, hashing them on the way: the manifest entry of the file."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("wb") as f:
+        for chunk in chunks:
+            digest.update(chunk)
+            size += f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safetensors_chunks(tensors: dict[str, torch.Tensor]):
+    """The safetensors format, one tensor at a time: an 8-byte header length, the JSON header (names,
+    dtypes, shapes, byte ranges), the raw little-endian data. One tensor in host memory at a time."""
+    tensors, header, offset = dict(sorted(tensors.items())), {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+    yield len(blob).to_bytes(8, "little") + blob
+    for t in tensors.values():
+        if t.numel():
+            yield t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def checkpoint_steps(exp: Path) -> list[int]:
+    """Steps of the complete (renamed) checkpoints, newest first."""
+    return sorted((int(p.name) for p in (exp / "checkpoints").glob("*") if p.name.isdigit()), reverse=True)
+
+
+def damage(checkpoint: Path, rank: int, world: int) -> str | None:
+    """What is wrong with a checkpoint's files, or None. Every rank checks the sizes; each file's hash is
+    checked by one rank (file i by rank i mod world), and the ranks share what they found."""
+    problems = []
+    try:
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        for i, (name, entry) in enumerate(sorted(manifest.items())):
+            path = checkpoint / name
+            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                problems.append(f"{path} is missing or has the wrong size")
+            elif i % world == rank and sha256(path) != entry["sha256"]:
+                problems.append(f"{path} does not match its checksum")
+        for name in ("trainer.json", "model_config.json"):
+            json.loads((checkpoint / name).read_text())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        problems.append(f"{checkpoint}: {e}")
+    if world > 1:
+        found = [None] * world
+        dist.all_gather_object(found, problems)
+        problems = sorted({p for rank_problems in found for p in rank_problems})
+    return "; ".join(problems) or None
+
+
+def choose_checkpoint(exp: Path, config: Config, rank: int, world: int) -> tuple[Path | None, TrainerState]:
+    """The newest checkpoint that is whole and holds finite weights, and its trainer state; warns about
+    each one passed over. None if the run has none; a ConfigError if it has some but none can be used."""
+    passed = []
+    for step in checkpoint_steps(exp):
+        checkpoint = exp / "checkpoints" / str(step)
+        problem = damage(checkpoint, rank, world)
+        if problem is None and not json.loads((checkpoint / "trainer.json").read_text()).get("weights_finite", True):
+            problem = f"{checkpoint} holds non-finite weights"
+        if problem is None:
+            return checkpoint, check_checkpoint(checkpoint, config)
+        passed.append(problem)
+        if rank == 0:
+            print(f"warning: checkpoint {checkpoint} can't be used ({problem}); trying an older one", file=sys.stderr)
+    if passed:
+        raise ConfigError(f"no usable checkpoint in {exp / 'checkpoints'}: {'; '.join(passed)}. Move that folder "
+                          "away to start from scratch.")
+    return None, TrainerState(sequence_length=config.batch.sequence_length)
 
 
 def check_checkpoint(checkpoint: Path, config: Config) -> TrainerState:
@@ -351,31 +476,85 @@ def check_checkpoint(checkpoint: Path, config: Config) -> TrainerState:
     return state
 
 
+def pretrained_architecture(path: str, run) -> dict:
+    """The model.base_model keys of the `pretrained` folder's config.json; taken instead from the run's
+    own newest checkpoint when it has one, so that a resume never needs that folder again."""
+    exp = run.get("experiment_dir") if isinstance(run, dict) else None
+    for step in checkpoint_steps(Path(exp)) if exp else []:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((Path(exp) / "checkpoints" / str(step) / "model_config.json").read_text())
+    return export.base_model_dict_from_hf(path)
+
+
+def all_ok(ok: bool) -> bool:
+    """Whether `ok` holds on every rank (a collective: all ranks must call it)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
 def save_checkpoint(exp: Path, model, optimizer, state: TrainerState, config: Config, rank: int, world: int):
     root = exp / "checkpoints"
     tmp, final = root / f".tmp-{state.step}", root / str(state.step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    tensors = optimizer.sharded_state()
-    tensors["rng/cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, tmp / f"optimizer-{rank:05d}-of-{world:05d}.safetensors")
+    error = None
+    try:
+        if rank == 0:
+            tmp.mkdir(parents=True)
+        barrier()
+        tensors = optimizer.sharded_state()
+        tensors["rng/cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng/cuda"] = torch.cuda.get_rng_state()
+        name = f"optimizer-{rank:05d}-of-{world:05d}.safetensors"
+        manifest = {name: write_file(tmp / name, safetensors_chunks(tensors))}
+        if rank == 0:
+            weights = safetensors_chunks(model.state_dict())
+            manifest["model.safetensors"] = write_file(tmp / "model.safetensors", weights)
+            for name, text in (("model_config.json", json.dumps(dataclasses.asdict(config.model.base_model), indent=2)),
+                               ("config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)),
+                               ("trainer.json", json.dumps(dataclasses.asdict(state), indent=2))):
+                manifest[name] = write_file(tmp / name, [text.encode()])
+    except OSError as e:
+        error, manifest = e, {}
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, manifest)
+        manifest = {k: v for part in gathered for k, v in part.items()}
+    if not all_ok(error is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {error or 'another rank failed to write'}. "
+                              "Nothing of it was kept; the previous checkpoints are intact.")
     if rank == 0:
-        save_file(cpu_state_dict(model), tmp / "model.safetensors")
-        (tmp / "model_config.json").write_text(json.dumps(dataclasses.asdict(config.model.base_model), indent=2))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-        (tmp / "trainer.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
-    barrier()
+        try:
+            write_file(tmp / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = e
+    if not all_ok(error is None):
+        raise CheckpointError(f"could not write checkpoint {final}: {error or 'rank 0 failed to write'}. "
+                              "Nothing of it was kept; the previous checkpoints are intact.")
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        done = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit())
-        for old in done[: -config.training.checkpoint.keep]:
-            shutil.rmtree(root / str(old))
+        rotate(exp, config.training.checkpoint.keep)
     barrier()
+
+
+def rotate(exp: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and the newest one with finite weights."""
+    steps, kept_finite = checkpoint_steps(exp), False
+    for i, step in enumerate(steps):
+        checkpoint = exp / "checkpoints" / str(step)
+        with contextlib.suppress(OSError, ValueError):
+            finite = json.loads((checkpoint / "trainer.json").read_text()).get("weights_finite", True)
+        if i >= keep and (kept_finite or not finite):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        kept_finite = kept_finite or finite
 
 
 def load_checkpoint(checkpoint: Path, optimizer, state: TrainerState, rank: int, world: int) -> None:
@@ -385,7 +564,7 @@ def load_checkpoint(checkpoint: Path, optimizer, state: TrainerState, rank: int,
     shards = [safe_open(f, framework="pt", device="cpu") for f in files]
     try:
         optimizer.load_sharded_state(shards)
-    except ValueError as e:  # a damaged or foreign optimizer shard
+    except ValueError as e:  # a foreign optimizer shard
         raise ConfigError(f"{checkpoint}: {e}") from None
     if world == state.world_size:  # the same ranks continue with their own random streams
         own = shards[rank]
@@ -447,13 +626,22 @@ def all_reduce_mean(value: torch.Tensor, world: int) -> float:
 class Logger:
     """Rank 0 prints and appends JSON lines to metrics.jsonl; other ranks stay quiet."""
 
-    def __init__(self, path: Path, rank: int, keep_until: int | None):
+    def __init__(self, path: Path, rank: int, keep_until: int):
         self.path, self.rank = path, rank
-        if rank == 0 and keep_until is not None and path.exists():
-            # Resuming: drop what the interrupted run logged after its checkpoint, so the file reads as one run.
-            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= keep_until]
+        if rank == 0 and path.exists():
+            # Drop what an interrupted run logged after the checkpoint this run starts from (everything, for
+            # a fresh start), so the file reads as one run; and a line cut short by a crash or a full disk.
+            kept = []
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                try:
+                    if json.loads(line)["step"] <= keep_until:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    if line.strip():
+                        print(f"warning: {path} line {number} is not a whole record (a crash mid-write?); "
+                              "dropped", file=sys.stderr)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(l + "\n" for l in kept))
+            tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)
 
     def __call__(self, text: str, **metrics):
@@ -489,6 +677,42 @@ def evaluate(model, loader: Loader, iterations: int, world: int, device) -> floa
     return all_reduce_mean(total / count, world)
 
 
+def experiment_dir_problem(exp: Path) -> str | None:
+    """Why the run could not write into `exp`, found before anything is written, or None."""
+    existing = exp
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"run.experiment_dir {exp}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"run.experiment_dir {exp}: {existing} is not writable (a read-only file system, or permissions)"
+    return None
+
+
+def weights_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class NonFinite(Exception):
+    """Too many non-finite steps in a row: exit status 3."""
+
+
+class Stop:
+    """SIGTERM or SIGINT asks the run to stop after the current step, with a checkpoint; a second one
+    ends the process at once (its default action), leaving the previous checkpoint intact."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.requested = True
+
+
 class Trainer:
     """One run. `__init__` builds and checks everything and writes nothing, so that any problem it finds
     leaves earlier work untouched; `train()` is the loop."""
@@ -497,19 +721,23 @@ class Trainer:
         self.config, self.rank, self.world, self.device = config, rank, world, device
         t, b, m = config.training, config.batch, config.model.base_model
         self.exp = Path(config.run.experiment_dir)
-        self.checkpoint = find_checkpoint(self.exp)
-        self.state = (check_checkpoint(self.checkpoint, config) if self.checkpoint
-                      else TrainerState(sequence_length=b.sequence_length, world_size=world))
+        if problem := experiment_dir_problem(self.exp):
+            raise ConfigError(problem)
         if m.cross_entropy_impl == "fused" and (problem := fused_cross_entropy_problem(device)):
             raise ConfigError(problem)
+        self.checkpoint, self.state = choose_checkpoint(self.exp, config, rank, world)
 
         # Model: built on meta, materialized and initialized on the device, the same on every rank.
         torch.manual_seed(config.model.distributed.seed)
         with torch.device("meta"):
             self.model = Llama(m, b.sequence_length, DTYPES[config.model.distributed.training_dtype])
         self.model.init_weights(device)
+        source = f"the initialization (model.base_model.transformer.init_method_std {m.transformer.std})"
         if config.pretrained is not None and config.pretrained.model_weights and self.checkpoint is None:
             export.load_llama_weights(self.model, config.pretrained.path)
+            source = f"the weights of pretrained.path {config.pretrained.path}"
+            if self.rank == 0:
+                print(f"loaded pretrained weights from {config.pretrained.path}")
 
         seed = config.model.distributed.seed
         self.data = Data(config.data, b.sequence_length, m.vocab_size, seed, self.exp / "cache")
@@ -523,51 +751,76 @@ class Trainer:
                                    decays=decays, zero_stage=config.model.multi_stage.zero_stage)
         if self.checkpoint:
             load_checkpoint(self.checkpoint, self.optimizer, self.state, rank, world)
+            source = f"checkpoint {self.checkpoint}"
+        if not weights_finite(self.model):
+            raise ConfigError(f"the starting weights hold NaN or infinite values; they come from {source}")
         self.model.recompute_layers = recompute_layers(config, device)  # the one place that sets it
         self.accumulation = b.batch_size // (b.micro_batch_size * world)  # micro-batches per step on each rank
         self.tokens_per_step = b.batch_size * b.sequence_length
         self.flops_per_token = flops_per_token(self.model, b.sequence_length)
 
     def train(self) -> None:
-        t, b, exp, rank = self.config.training, self.config.batch, self.exp, self.rank
+        t, b, exp, rank, state = self.config.training, self.config.batch, self.exp, self.rank, self.state
+        self.stop = Stop()
         # Nothing was written until here: every check in __init__ could fail without touching earlier work.
         if rank == 0:
             exp.mkdir(parents=True, exist_ok=True)
             (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
-        self.log = Logger(exp / "metrics.jsonl", rank, self.state.step if self.checkpoint else 0)
-        self.loaders = {s: Loader(self.data, s, self.state.consumed.get(s, 0), b.batch_size, b.micro_batch_size,
+            rotate(exp, t.checkpoint.keep)  # after a kill between a checkpoint's rename and its rotation
+        self.log = Logger(exp / "metrics.jsonl", rank, state.step)
+        self.loaders = {s: Loader(self.data, s, state.consumed.get(s, 0), b.batch_size, b.micro_batch_size,
                                   rank, self.world, self.device) for s in ("train", "validation")}
         layers = self.config.model.base_model.transformer.num_layers
         self.log(f"{'resuming from ' + str(self.checkpoint) if self.checkpoint else 'starting'}: "
                  f"{count_parameters(self.model):,} parameters, {self.world} rank(s), {self.tokens_per_step:,} "
                  f"tokens per step, {self.accumulation} accumulation steps, "
                  f"{self.model.recompute_layers} of {layers} blocks recomputed in backward")
-        if self.state.step >= t.train_iters:
-            self.log(f"training already complete at step {self.state.step}")
-        # tokens/s counts training steps only; grad_norm's .item() synchronizes the device once a step.
-        self.interval_loss, interval_steps, interval_time = torch.zeros((), device=self.device), 0, 0.0
-        profile_step = self.state.step + 3 if os.environ.get("LLAMA_PROFILE") and rank == 0 else None
-        while self.state.step < t.train_iters:
-            self.state.step += 1
-            step, start = self.state.step, time.perf_counter()
+        if state.step >= t.train_iters:
+            self.log(f"training already complete at step {state.step}")
+        # The log interval's partial sums (restored on resume): loss over finite steps, those steps, all
+        # steps and their seconds. tokens/s counts training steps only.
+        self.interval_loss = torch.tensor(state.interval[0], dtype=torch.float32, device=self.device)
+        good, steps, seconds = state.interval[1:]
+        profile_step = state.step + 3 if os.environ.get("LLAMA_PROFILE") and rank == 0 else None
+        while state.step < t.train_iters:
+            state.step += 1
+            step, start = state.step, time.perf_counter()
             lr = learning_rate(self.config.optimizer.learning_rate, step, t.train_iters)
             with profiled(step == profile_step):
-                grad_norm = self.train_step(lr)
-            interval_steps, interval_time = interval_steps + 1, interval_time + time.perf_counter() - start
+                grad_norm, problem = self.train_step(lr)
+            steps, seconds = steps + 1, seconds + time.perf_counter() - start
+            if problem:
+                state.skipped_in_a_row += 1
+                self.log(f"step {step} | skipped: {problem}", step=step, skipped=problem)
+                if state.skipped_in_a_row > t.max_skipped_steps:
+                    raise NonFinite(f"stopped at step {step}: {state.skipped_in_a_row} steps in a row had a "
+                                    f"non-finite loss or gradient (training.max_skipped_steps is "
+                                    f"{t.max_skipped_steps}). Lower the learning rate or look at the data, then "
+                                    "run again: it resumes from the newest checkpoint.")
+            else:
+                state.skipped_in_a_row, good = 0, good + 1
             last = step == t.train_iters
-            if step % t.logs.interval == 0 or last:
-                self.log_interval(self.interval_loss / interval_steps, lr, grad_norm, interval_steps / interval_time)
+            if (step % t.logs.interval == 0 or last) and good:
+                self.log_interval(self.interval_loss / good, lr, grad_norm, steps / seconds)
                 self.interval_loss.zero_()
-                interval_steps, interval_time = 0, 0.0
+                good, steps, seconds = 0, 0, 0.0
+            state.interval = [self.interval_loss.item(), good, steps, seconds]
             self.on_intervals(last)
+            if self.stop.requested and not last:
+                if not (t.checkpoint.interval is not None and step % t.checkpoint.interval == 0):
+                    self.write_checkpoint()
+                self.log(f"stopped at step {step}; run the same command to resume")
+                break
         for loader in self.loaders.values():
             loader.close()
 
-    def train_step(self, lr: float) -> float:
-        """One optimizer step: every micro-batch's forward and backward, then the AdamW update. Adds this
-        rank's mean loss to interval_loss; returns the global gradient norm before clipping."""
+    def train_step(self, lr: float) -> tuple[float, str | None]:
+        """One optimizer step: every micro-batch's forward and backward, then, if the loss and the
+        gradients are finite on every rank, the AdamW update. Returns the global gradient norm before
+        clipping, and why the step was skipped (None if it was not)."""
         micro_batches = self.loaders["train"].next_batch()
         self.optimizer.zero_grad()
+        interval_loss = self.interval_loss.clone()  # becomes the interval's sum if the step is kept
         for tokens in micro_batches:
             loss = self.model(tokens[:, :-1], tokens[:, 1:])
             # The loss-scaling contract. model() returns the mean loss over a micro-batch's tokens, and
@@ -575,10 +828,21 @@ class Trainer:
             # in; zero.py then sums gradients over micro-batches and ranks. Dividing by their number
             # here makes that sum the gradient of the mean loss over the whole global batch.
             (loss / (len(micro_batches) * self.world)).backward()
-            self.interval_loss += loss.detach() / len(micro_batches)
+            interval_loss += loss.detach() / len(micro_batches)
         grad_norm = self.optimizer.reduce()
+        # What every rank must agree on, in one all-reduce and one host synchronization a step: ranks
+        # whose loss is not finite, ranks asked to stop; the gradient norm is already global.
+        flags = torch.tensor([0.0, float(self.stop.requested)], device=self.device)
+        flags[0] = (~torch.isfinite(interval_loss)).float()
+        if self.world > 1:
+            dist.all_reduce(flags)
+        bad_loss, stop, norm = torch.cat([flags, grad_norm.view(1).float()]).tolist()
+        self.stop.requested = stop > 0
+        if bad_loss or not math.isfinite(norm):
+            return norm, "non-finite loss" if bad_loss else f"non-finite gradient norm ({norm})"
         self.optimizer.update(lr, self.config.optimizer.gradient_norm_clipping, grad_norm)
-        return grad_norm.item()
+        self.interval_loss = interval_loss
+        return norm, None
 
     def log_interval(self, loss: torch.Tensor, lr: float, grad_norm: float, steps_per_s: float) -> None:
         loss, step, world = all_reduce_mean(loss, self.world), self.state.step, self.world
@@ -605,19 +869,30 @@ class Trainer:
             test.close()
             self.log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)
         if t.export.interval is not None and (step % t.export.interval == 0 or last):
-            if self.rank == 0:
-                # overwrite: a run that crashed after an export but before its checkpoint writes it again.
-                m = self.config.model.base_model
-                out = export.export_llama(cpu_state_dict(self.model), m, self.exp / "export" / "llama" / str(step),
-                                          max_position_embeddings=export.context_length(m, b.sequence_length),
-                                          tokenizer_path=self.data.tokenizer_path, overwrite=True)
-                self.log(f"step {step} | exported to {out}")
-            barrier()
+            self.write_export()
         if t.checkpoint.interval is not None and (step % t.checkpoint.interval == 0 or last):
-            self.state.consumed = {s: loader.consumed_samples for s, loader in self.loaders.items()}
-            self.state.world_size = self.world
-            save_checkpoint(self.exp, self.model, self.optimizer, self.state, self.config, self.rank, self.world)
-            self.log(f"step {step} | checkpoint written to {self.exp / 'checkpoints' / str(step)}")
+            self.write_checkpoint()
+
+    def write_export(self) -> None:
+        error, step, m = None, self.state.step, self.config.model.base_model
+        context = export.context_length(m, self.config.batch.sequence_length)
+        if self.rank == 0:
+            try:  # overwrite: a run that crashed after an export but before its checkpoint writes it again.
+                out = export.export_llama(cpu_state_dict(self.model), m, self.exp / "export" / "llama" / str(step),
+                                          max_position_embeddings=context, tokenizer_path=self.data.tokenizer_path,
+                                          overwrite=True)
+                self.log(f"step {step} | exported to {out}")
+            except OSError as e:
+                error = e
+        if not all_ok(error is None):
+            raise CheckpointError(f"could not write the export of step {step}: {error or 'on rank 0'}. Nothing of it "
+                                  "was kept; the checkpoints are intact.")
+
+    def write_checkpoint(self) -> None:
+        self.state.consumed = {s: loader.consumed_samples for s, loader in self.loaders.items()}
+        self.state.world_size, self.state.weights_finite = self.world, weights_finite(self.model)
+        save_checkpoint(self.exp, self.model, self.optimizer, self.state, self.config, self.rank, self.world)
+        self.log(f"step {self.state.step} | checkpoint written to {self.exp / 'checkpoints' / str(self.state.step)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,8 +906,7 @@ def main(argv: list[str]) -> int:
         return 2
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     try:
-        config = load_config(args[0], args[1:])
-        validate(config, world)
+        config = load_config(args[0], args[1:], world)
         if "--dry-run" in argv:
             with torch.device("meta"):
                 model = Llama(config.model.base_model, config.batch.sequence_length)
@@ -652,10 +926,21 @@ def main(argv: list[str]) -> int:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    except (ConfigError, DataError, export.ExportError) as e:
+    except NonFinite as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, DataError, export.ExportError, CheckpointError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the run had to write or read: a full disk, a permission, a vanished mount
+        print(f"error (rank {rank}): {e.strerror or e} ({e.filename or 'no file name'}). The newest complete "
+              "checkpoint is intact: fix the cause and run the same command to resume.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before the loop, where SIGINT still interrupts at once
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
