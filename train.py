@@ -549,8 +549,8 @@ def rotate(exp: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints, and the newest one with finite weights."""
     steps, kept_finite = checkpoint_steps(exp), False
     for i, step in enumerate(steps):
-        checkpoint = exp / "checkpoints" / str(step)
-        with contextlib.suppress(OSError, ValueError):
+        checkpoint, finite = exp / "checkpoints" / str(step), False  # unreadable: not known to be finite
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             finite = json.loads((checkpoint / "trainer.json").read_text()).get("weights_finite", True)
         if i >= keep and (kept_finite or not finite):
             shutil.rmtree(checkpoint, ignore_errors=True)
@@ -806,7 +806,7 @@ class Trainer:
                 good, steps, seconds = 0, 0, 0.0
             state.interval = [self.interval_loss.item(), good, steps, seconds]
             self.on_intervals(last)
-            if self.stop.requested and not last:
+            if self.stopping and not last:
                 if not (t.checkpoint.interval is not None and step % t.checkpoint.interval == 0):
                     self.write_checkpoint()
                 self.log(f"stopped at step {step}; run the same command to resume")
@@ -837,7 +837,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(flags)
         bad_loss, stop, norm = torch.cat([flags, grad_norm.view(1).float()]).tolist()
-        self.stop.requested = stop > 0
+        self.stopping = stop > 0  # agreed; stop.requested, the signal handler's own flag, stays as it is
         if bad_loss or not math.isfinite(norm):
             return norm, "non-finite loss" if bad_loss else f"non-finite gradient norm ({norm})"
         self.optimizer.update(lr, self.config.optimizer.gradient_norm_clipping, grad_norm)
