@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -249,7 +250,8 @@ def tokenizer_special_ids(path: Path, vocab_size: int) -> dict[str, int]:
 
 def load_llama_weights(model: Llama, path) -> None:
     """Copy a Hugging Face Llama folder's weights into a materialized `model`, strictly: same tensor
-    names and shapes (else ExportError, the model untouched), converted to the model's dtype."""
+    names and shapes (else ExportError, the model untouched), converted to the model's dtype. A model
+    on the meta device is only checked, from the files' headers."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -271,10 +273,10 @@ def load_llama_weights(model: Llama, path) -> None:
         except SafetensorError as e:
             raise ExportError(f"{file}: not a readable safetensors file ({e}).") from None
     params = model.state_dict()  # tensors sharing storage with the parameters
-    if any(p.is_meta for p in params.values()):
-        raise ExportError("load_llama_weights needs a materialized model: call init_weights(device) first.")
     check_tensors({n: tuple(p.shape) for n, p in params.items()}, {n: v[2] for n, v in found.items()},
                   f"{path} (weights vs model config)")
+    if any(p.is_meta for p in params.values()):
+        return  # a model on meta (train.py --dry-run): the names and shapes are checked, nothing is read
     with torch.no_grad():
         for file in files:
             with safe_open(file, "pt") as f:
@@ -288,8 +290,19 @@ def load_llama_weights(model: Llama, path) -> None:
 # Command line: export a training checkpoint
 
 
-def export_checkpoint(checkpoint, output_dir, **kwargs) -> Path:
+def export_checkpoint(checkpoint, output_dir, tokenizer_path=None, **kwargs) -> Path:
+    """Export a checkpoint folder, or an experiment folder's newest checkpoint. Without `tokenizer_path`,
+    the tokenizer.json beside the dataset the checkpoint was trained on goes in, when there is one."""
     checkpoint = Path(checkpoint)
+    if (checkpoint / "checkpoints").is_dir():  # an experiment folder
+        steps = [int(p.name) for p in (checkpoint / "checkpoints").iterdir() if p.name.isdigit()]
+        if not steps:
+            raise ExportError(f"{checkpoint}: an experiment folder without a complete checkpoint yet.")
+        checkpoint = checkpoint / "checkpoints" / str(max(steps))
+    if tokenizer_path is None and (checkpoint / "config.yaml").is_file():
+        data = (yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}).get("data") or {}
+        found = Path(str(data.get("path"))).parent / "tokenizer.json"
+        tokenizer_path = found if data.get("format", "file") == "file" and found.is_file() else None
     need = ["model_config.json", "trainer.json", "model.safetensors"]
     if not checkpoint.is_dir() or (missing := [n for n in need if not (checkpoint / n).is_file()]):
         raise ExportError(f"{checkpoint}: not a checkpoint folder (one holds {', '.join(need)}, as train.py "
@@ -304,7 +317,8 @@ def export_checkpoint(checkpoint, output_dir, **kwargs) -> Path:
     except SafetensorError as e:
         raise ExportError(f"{checkpoint / 'model.safetensors'}: not a readable safetensors file ({e}).") from None
     context = context_length(config, trainer["sequence_length"])
-    return export_llama(state_dict, config, output_dir, max_position_embeddings=context, **kwargs)
+    return export_llama(state_dict, config, output_dir, max_position_embeddings=context, tokenizer_path=tokenizer_path,
+                        **kwargs)
 
 
 def context_length(config: BaseModelConfig, sequence_length: int) -> int:
@@ -327,13 +341,14 @@ def main(argv=None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export a training checkpoint as a Hugging Face Llama folder, which\n"
                     "transformers' AutoModelForCausalLM.from_pretrained loads.",
-        epilog="example:\n  python export.py experiments/tiny/checkpoints/120 hf/tiny "
-               "--tokenizer data/demo/tokenizer.json\n\n"
+        epilog="examples:\n  python export.py experiments/tiny hf/tiny            (its newest checkpoint)\n"
+               "  python export.py experiments/tiny/checkpoints/120 hf/tiny --tokenizer data/demo/tokenizer.json\n\n"
                "The folder's files: docs/formats.md, section 3. Exit status 0 when written, 2 on bad input.")
-    p.add_argument("checkpoint", help="a checkpoint folder, EXPERIMENT_DIR/checkpoints/STEP")
+    p.add_argument("checkpoint", help="a checkpoint folder, EXPERIMENT_DIR/checkpoints/STEP, or EXPERIMENT_DIR "
+                   "for its newest checkpoint")
     p.add_argument("output", help="the folder to write (must not exist, or be empty)")
-    p.add_argument("--tokenizer", help="a tokenizer.json to include, with a tokenizer_config.json; "
-                   "its BOS/EOS ids go into config.json")
+    p.add_argument("--tokenizer", help="a tokenizer.json to include, with a tokenizer_config.json; its BOS/EOS ids "
+                   "go into config.json (default: the one beside the dataset the checkpoint was trained on)")
     p.add_argument("--max-shard-size", type=parse_size, default=5 * 2**30, metavar="SIZE",
                    help="largest safetensors file before the weights are split: 5GB, 500MiB or "
                    "bytes; default 5GiB")
@@ -345,7 +360,8 @@ def main(argv=None) -> None:
     except ExportError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"exported {args.checkpoint} to {out}")
+    tokenizer = (out / "tokenizer.json").is_file()
+    print(f"exported {args.checkpoint} to {out}" + ("" if tokenizer else " (no tokenizer found: use --tokenizer)"))
 
 
 if __name__ == "__main__":

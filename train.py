@@ -9,10 +9,12 @@ clips by the global norm, updates its float32 shard and all-gathers the new weig
 validate, checkpoint and export on their intervals. Everything the run writes lands in
 `run.experiment_dir`; a run that finds a complete checkpoint there resumes from it exactly.
 """
+import argparse
 import contextlib
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -63,6 +65,20 @@ class ExportConfig:
 
 
 @dataclass
+class WandbAlertConfig:
+    interval: int | None = None  # steps between status alerts (step, loss); None: none
+    status_updates: bool | None = None  # alerts when the run starts, ends or fails; default: on if interval is
+
+
+@dataclass
+class WandbConfig:
+    entity_name: str | None = None  # the W&B user or team; logging is on when it is set (as in Fast-LLM)
+    project_name: str = "fast_llm"  # W&B project
+    group_name: str = "default"  # W&B group of runs
+    alert: WandbAlertConfig = field(default_factory=WandbAlertConfig)
+
+
+@dataclass
 class TrainingConfig:
     train_iters: int | None = None  # required: optimizer steps in the whole run
     logs: LogsConfig = field(default_factory=LogsConfig)
@@ -71,6 +87,7 @@ class TrainingConfig:
     test_iters: int = 0  # global batches of the test split evaluated once at the end
     max_skipped_steps: int = 5  # (ours) non-finite steps in a row that are skipped; one more stops the run
     export: ExportConfig = field(default_factory=ExportConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases, on when entity_name is set
 
 
 @dataclass
@@ -245,7 +262,11 @@ def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
         base = pretrained_architecture(pretrained["path"], raw.get("run"))
         own = ((raw.get("model") or {}).get("base_model")) or {}
         raw.setdefault("model", {})
-        raw["model"] = dict(raw["model"] or {}, base_model=merge(base, own))
+        notes = []
+        raw["model"] = dict(raw["model"] or {}, base_model=merge(base, own, "model.base_model", notes))
+        if os.environ.get("RANK", "0") == "0":
+            for key, mine, theirs in notes:
+                print(f"{key}: {mine!r} from {path} overrides {theirs!r} from {pretrained['path']}/config.json")
     errors = []
     config = build(Config, raw, "", errors)
     # A key whose value had the wrong type kept its default: don't also report that default's value.
@@ -256,10 +277,16 @@ def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
     return config
 
 
-def merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict, path: str, notes: list) -> dict:
+    """`base` with `over`'s values on top, recursively; each value that changes one of base's goes in notes."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = merge(base[key], value, f"{path}.{key}", notes)
+        else:
+            if key in base and base[key] != value:
+                notes.append((f"{path}.{key}", value, base[key]))
+            out[key] = value
     return out
 
 
@@ -279,6 +306,9 @@ def validate(c: Config, world_size: int) -> list[str]:
         (t.checkpoint.keep < 1, "training.checkpoint.keep must be at least 1"),
         (t.test_iters < 0, "training.test_iters must not be negative"),
         (t.max_skipped_steps < 0, "training.max_skipped_steps must not be negative (0: stop at the first)"),
+        (t.wandb.entity_name is not None and importlib.util.find_spec("wandb") is None,
+         "training.wandb.entity_name is set, so the run logs to Weights & Biases, but the wandb package is not "
+         "installed: pip install wandb (WANDB_MODE=offline needs no network), or remove training.wandb"),
         (t.export.format != "llama", f"training.export.format `{t.export.format}` is not supported; use `llama`"),
         (t.export.interval is not None and t.export.interval < 1,
          "training.export.interval must be at least 1 (or null: off)"),
@@ -365,6 +395,7 @@ class TrainerState:
     sequence_length: int = 0  # tokens per sample: the samples, so the data order, depend on it
     world_size: int = 1  # ranks that wrote the optimizer shards
     weights_finite: bool = True  # false: a blown-up run; rotation keeps the newest checkpoint where it is true
+    elapsed_s: float = 0.0  # wall-clock seconds of the run so far, over all its resumes
     skipped_in_a_row: int = 0  # non-finite steps skipped since the last good one
     # The log interval so far: loss sum, finite steps, steps, seconds. Kept so that the first line logged
     # after a resume is the one an uninterrupted run logs.
@@ -624,10 +655,10 @@ def all_reduce_mean(value: torch.Tensor, world: int) -> float:
 
 
 class Logger:
-    """Rank 0 prints and appends JSON lines to metrics.jsonl; other ranks stay quiet."""
+    """Rank 0 prints, appends JSON lines to metrics.jsonl and hands them to the tracker; other ranks stay quiet."""
 
-    def __init__(self, path: Path, rank: int, keep_until: int):
-        self.path, self.rank = path, rank
+    def __init__(self, path: Path, rank: int, keep_until: int, tracker=None):
+        self.path, self.rank, self.tracker = path, rank, tracker
         if rank == 0 and path.exists():
             # Drop what an interrupted run logged after the checkpoint this run starts from (everything, for
             # a fresh start), so the file reads as one run; and a line cut short by a crash or a full disk.
@@ -648,8 +679,73 @@ class Logger:
         if self.rank == 0:
             print(text, flush=True)
         if self.rank == 0 and metrics:
+            metrics["time"] = round(time.time(), 3)
             with self.path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(metrics)
+
+
+class Tracker:
+    """Weights & Biases, on rank 0, when training.wandb.entity_name is set (as in Fast-LLM): every metrics
+    line at its step, and the resolved config. The W&B run id is kept in the experiment folder, so that a
+    resume continues the same W&B run. WANDB_MODE=offline works without a network."""
+
+    def __init__(self, config: Config, exp: Path, rank: int):
+        c, self.run = config.training.wandb, None
+        self.status = c.alert.status_updates if c.alert.status_updates is not None else c.alert.interval is not None
+        if rank != 0 or c.entity_name is None:
+            return
+        import wandb
+
+        id_file = exp / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else os.urandom(8).hex()
+        id_file.write_text(run_id)
+        self.run = wandb.init(id=run_id, resume="allow", entity=c.entity_name, project=c.project_name,
+                              group=c.group_name, name=exp.name, dir=exp, config=dataclasses.asdict(config))
+        self.alert("run started", f"{exp}")
+
+    def log(self, metrics: dict) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if k not in ("step", "time")}, step=metrics["step"])
+
+    def alert(self, title: str, text: str, status: bool = False) -> None:
+        if self.run is not None and (self.status or status):
+            self.run.alert(title=title, text=text)
+
+    def finish(self, how: str) -> None:
+        if self.run is not None:
+            self.alert(f"run {how.split()[0]}", how)
+            self.run.finish()
+
+
+def clock(seconds: float) -> str:
+    return f"{int(seconds // 3600)}:{int(seconds // 60 % 60):02d}:{int(seconds % 60):02d}"
+
+
+def check_shared(exp: Path, rank: int, world: int) -> None:
+    """Create the experiment folder; with several ranks, check that all of them see it, that is that it
+    is on a file system they share (the checkpoints need that), before anything else is written there."""
+    created = rank == 0 and not exp.exists()
+    if rank == 0:
+        exp.mkdir(parents=True, exist_ok=True)
+    if world == 1:
+        return
+    probe = exp / f".shared-{os.getpid()}"
+    if rank == 0:
+        probe.write_text("")
+    names = [probe.name]  # rank 0's (the pid differs between ranks)
+    dist.broadcast_object_list(names, src=0)
+    if not all_ok((exp / names[0]).exists()):
+        if rank == 0:
+            probe.unlink()
+            if created:
+                shutil.rmtree(exp, ignore_errors=True)
+        raise ConfigError(f"run.experiment_dir {exp} is not the same folder on every rank: it must be on a file "
+                          "system that all nodes share (checkpoints are written by every rank and read back by any)")
+    barrier()
+    if rank == 0:
+        probe.unlink()
 
 
 @contextlib.contextmanager
@@ -705,6 +801,7 @@ class Stop:
         self.requested = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
+            signal.siginterrupt(sig, False)  # a system call that the signal lands in restarts (gloo, NCCL threads)
 
     def handle(self, signum, frame):
         if self.requested:
@@ -758,61 +855,84 @@ class Trainer:
         self.accumulation = b.batch_size // (b.micro_batch_size * world)  # micro-batches per step on each rank
         self.tokens_per_step = b.batch_size * b.sequence_length
         self.flops_per_token = flops_per_token(self.model, b.sequence_length)
+        self.stopping = False  # every rank agreed to stop after this step (a signal)
 
     def train(self) -> None:
         t, b, exp, rank, state = self.config.training, self.config.batch, self.exp, self.rank, self.state
         self.stop = Stop()
         # Nothing was written until here: every check in __init__ could fail without touching earlier work.
+        check_shared(exp, rank, self.world)
         if rank == 0:
-            exp.mkdir(parents=True, exist_ok=True)
             (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
             rotate(exp, t.checkpoint.keep)  # after a kill between a checkpoint's rename and its rotation
-        self.log = Logger(exp / "metrics.jsonl", rank, state.step)
+        self.log = Logger(exp / "metrics.jsonl", rank, state.step, Tracker(self.config, exp, rank))
         self.loaders = {s: Loader(self.data, s, state.consumed.get(s, 0), b.batch_size, b.micro_batch_size,
                                   rank, self.world, self.device) for s in ("train", "validation")}
         layers = self.config.model.base_model.transformer.num_layers
         self.log(f"{'resuming from ' + str(self.checkpoint) if self.checkpoint else 'starting'}: "
                  f"{count_parameters(self.model):,} parameters, {self.world} rank(s), {self.tokens_per_step:,} "
                  f"tokens per step, {self.accumulation} accumulation steps, "
-                 f"{self.model.recompute_layers} of {layers} blocks recomputed in backward")
+                 f"{self.model.recompute_layers} of {layers} blocks recomputed in backward",
+                 **({"step": state.step, "resumed": True} if self.checkpoint else {}))
+        if self.checkpoint:
+            self.log_schedule_changes()
         if state.step >= t.train_iters:
             self.log(f"training already complete at step {state.step}")
         # The log interval's partial sums (restored on resume): loss over finite steps, those steps, all
-        # steps and their seconds. tokens/s counts training steps only.
+        # steps and their seconds in training steps (for tokens/s); and the wall clock, for the ETA.
         self.interval_loss = torch.tensor(state.interval[0], dtype=torch.float32, device=self.device)
-        good, steps, seconds = state.interval[1:]
+        self.good, self.steps, self.seconds = state.interval[1:]
+        self.started, self.last_log = time.time() - state.elapsed_s, (time.time(), state.step)
         profile_step = state.step + 3 if os.environ.get("LLAMA_PROFILE") and rank == 0 else None
-        while state.step < t.train_iters:
-            state.step += 1
-            step, start = state.step, time.perf_counter()
-            lr = learning_rate(self.config.optimizer.learning_rate, step, t.train_iters)
-            with profiled(step == profile_step):
-                grad_norm, problem = self.train_step(lr)
-            steps, seconds = steps + 1, seconds + time.perf_counter() - start
-            if problem:
-                state.skipped_in_a_row += 1
-                self.log(f"step {step} | skipped: {problem}", step=step, skipped=problem)
-                if state.skipped_in_a_row > t.max_skipped_steps:
-                    raise NonFinite(f"stopped at step {step}: {state.skipped_in_a_row} steps in a row had a "
-                                    f"non-finite loss or gradient (training.max_skipped_steps is "
-                                    f"{t.max_skipped_steps}). Lower the learning rate or look at the data, then "
-                                    "run again: it resumes from the newest checkpoint.")
-            else:
-                state.skipped_in_a_row, good = 0, good + 1
-            last = step == t.train_iters
-            if (step % t.logs.interval == 0 or last) and good:
-                self.log_interval(self.interval_loss / good, lr, grad_norm, steps / seconds)
-                self.interval_loss.zero_()
-                good, steps, seconds = 0, 0, 0.0
-            state.interval = [self.interval_loss.item(), good, steps, seconds]
-            self.on_intervals(last)
-            if self.stopping and not last:
-                if not (t.checkpoint.interval is not None and step % t.checkpoint.interval == 0):
-                    self.write_checkpoint()
-                self.log(f"stopped at step {step}; run the same command to resume")
-                break
-        for loader in self.loaders.values():
-            loader.close()
+        try:
+            while state.step < t.train_iters and not self.stopping:
+                state.step += 1
+                step, start = state.step, time.perf_counter()
+                lr = learning_rate(self.config.optimizer.learning_rate, step, t.train_iters)
+                with profiled(step == profile_step):
+                    grad_norm, problem = self.train_step(lr)
+                self.steps, self.seconds = self.steps + 1, self.seconds + time.perf_counter() - start
+                if problem:
+                    state.skipped_in_a_row += 1
+                    self.log(f"step {step} | skipped: {problem}", step=step, skipped=problem)
+                    if state.skipped_in_a_row > t.max_skipped_steps:
+                        raise NonFinite(f"stopped at step {step}: {state.skipped_in_a_row} steps in a row had a "
+                                        f"non-finite loss or gradient (training.max_skipped_steps is "
+                                        f"{t.max_skipped_steps}). Lower the learning rate or look at the data, "
+                                        "then run again: it resumes from the newest checkpoint.")
+                else:
+                    state.skipped_in_a_row, self.good = 0, self.good + 1
+                last = step == t.train_iters
+                # Every logs.interval steps, and at steps 1, 2, 4, 8, ... before the first one: early signs.
+                early = step < t.logs.interval and step & (step - 1) == 0
+                if (step % t.logs.interval == 0 or last or early) and self.good:
+                    self.log_interval(self.interval_loss / self.good, lr, grad_norm)
+                self.on_intervals(last)
+                if self.stopping and not last:
+                    if not (t.checkpoint.interval is not None and step % t.checkpoint.interval == 0):
+                        self.write_checkpoint()
+                    self.log(f"stopped at step {step}; run the same command to resume")
+        except BaseException as e:
+            self.log.tracker.alert("run failed", f"at step {state.step}: {e!r}")
+            raise
+        finally:
+            self.log.tracker.finish(f"{'stopped' if self.stopping else 'ended'} at step {state.step}")
+            for loader in self.loaders.values():
+                loader.close()
+
+    def log_schedule_changes(self) -> None:
+        """A resume whose schedule differs from the checkpoint's says what moved, and the learning rate."""
+        saved = yaml.safe_load((self.checkpoint / "config.yaml").read_text())
+        old = LearningRateConfig(**saved["optimizer"]["learning_rate"])
+        old_iters, c, t = saved["training"]["train_iters"], self.config.optimizer.learning_rate, self.config.training
+        moved = [f"training.train_iters {old_iters} -> {t.train_iters}"] if old_iters != t.train_iters else []
+        moved += [f"optimizer.learning_rate.{k} {getattr(old, k)} -> {getattr(c, k)}"
+                  for k in dataclasses.asdict(c) if getattr(old, k) != getattr(c, k)]
+        step = self.state.step + 1
+        if moved:
+            self.log(f"the schedule changed since the checkpoint: {'; '.join(moved)}. The learning rate of step "
+                     f"{step} is {learning_rate(c, step, t.train_iters):.4e} (it would have been "
+                     f"{learning_rate(old, step, old_iters):.4e})")
 
     def train_step(self, lr: float) -> tuple[float, str | None]:
         """One optimizer step: every micro-batch's forward and backward, then, if the loss and the
@@ -844,18 +964,26 @@ class Trainer:
         self.interval_loss = interval_loss
         return norm, None
 
-    def log_interval(self, loss: torch.Tensor, lr: float, grad_norm: float, steps_per_s: float) -> None:
-        loss, step, world = all_reduce_mean(loss, self.world), self.state.step, self.world
-        tokens_per_s = steps_per_s * self.tokens_per_step
+    def log_interval(self, loss: torch.Tensor, lr: float, grad_norm: float) -> None:
+        loss, step, world, t = all_reduce_mean(loss, self.world), self.state.step, self.world, self.config.training
+        tokens_per_s, now = self.steps * self.tokens_per_step / self.seconds, time.time()
+        eta = (t.train_iters - step) * (now - self.last_log[0]) / (step - self.last_log[1])
+        elapsed, tokens = now - self.started, self.loaders["train"].consumed_samples * self.config.batch.sequence_length
         metrics = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                       tokens_per_s_per_gpu=tokens_per_s / world)
-        text = (f"step {step}/{self.config.training.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
-                f"{grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s ({tokens_per_s / world:,.0f} per rank)")
+                       tokens_per_s_per_gpu=tokens_per_s / world, tokens=tokens, elapsed_s=elapsed)
+        text = (f"step {step}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
+                f"{tokens_per_s:,.0f} tokens/s ({tokens_per_s / world:,.0f} per rank) | {tokens / 1e6:,.2f}M tokens | "
+                f"{self.seconds / self.steps:.3f} s/step | elapsed {clock(elapsed)} | ETA {clock(eta)}")
         if self.device.type == "cuda":
             metrics.update(mfu=tokens_per_s / world * self.flops_per_token / H100_PEAK_FLOPS,
                            memory_gb=torch.cuda.max_memory_allocated() / 1e9)
             text += f" | MFU {metrics['mfu']:.1%} | peak memory {metrics['memory_gb']:.1f} GB"
         self.log(text, **metrics)
+        alert = t.wandb.alert.interval
+        if alert and step % alert == 0:
+            self.log.tracker.alert(f"step {step}", f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", status=True)
+        self.interval_loss.zero_()
+        self.good, self.steps, self.seconds, self.last_log = 0, 0, 0.0, (now, step)
 
     def on_intervals(self, last: bool) -> None:
         """Validation, test, export and checkpoint, each on its interval and at the end."""
@@ -890,6 +1018,8 @@ class Trainer:
 
     def write_checkpoint(self) -> None:
         self.state.consumed = {s: loader.consumed_samples for s, loader in self.loaders.items()}
+        self.state.interval = [self.interval_loss.item(), self.good, self.steps, self.seconds]
+        self.state.elapsed_s = time.time() - self.started
         self.state.world_size, self.state.weights_finite = self.world, weights_finite(self.model)
         save_checkpoint(self.exp, self.model, self.optimizer, self.state, self.config, self.rank, self.world)
         self.log(f"step {self.state.step} | checkpoint written to {self.exp / 'checkpoints' / str(self.state.step)}")
@@ -899,21 +1029,54 @@ class Trainer:
 # Entry point
 
 
+HELP = """sections of CONFIG.yaml (Fast-LLM's schema; every key, its default and the exit codes: docs/schema.md):
+  training            train_iters; logs, validation, checkpoint and export intervals; test_iters; wandb
+  batch               micro_batch_size, sequence_length, batch_size (global: micro x ranks x accumulation)
+  data                format (file | random), path (dataset JSON), split of train/validation/test
+  optimizer           AdamW: weight_decay, beta_1, beta_2, epsilon, gradient_norm_clipping, learning_rate
+  model.base_model    the Llama: vocab_size, transformer.* (layers, sizes, heads, rotary), cross_entropy_impl
+  model.multi_stage   zero_stage 1 or 2
+  model.distributed   training_dtype (float32, bf16, float16), seed
+  run                 experiment_dir: config, metrics.jsonl, checkpoints, exports; a run resumes from it
+  pretrained          start from a Hugging Face Llama folder (format, path, model_weights)
+
+examples:
+  python train.py config/tiny.yaml training.train_iters=200
+  torchrun --nproc_per_node=8 train.py config/llama3_8b.yaml data.path=data/mine/fast_llm_dataset.json
+  python plot.py experiments/tiny     (the loss curves as a PNG)"""
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Pretrain a Llama-3.1 from one YAML file in Fast-LLM's schema.", epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", metavar="CONFIG.yaml", help="the training configuration")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override any key by its dotted path; the value is read as YAML (data.split=[98,1,1])")
+    parser.add_argument("--dry-run", action="store_true", help="check the config (and a pretrained folder's "
+                        "shapes), print the parameter count, the tokens per step and the accumulation steps, write "
+                        "nothing")
+    return parser.parse_intermixed_args(argv)
+
+
+def dry_run(config: Config, rank: int, world: int) -> None:
+    with torch.device("meta"):
+        model = Llama(config.model.base_model, config.batch.sequence_length)
+    if config.pretrained is not None and config.pretrained.model_weights:
+        export.load_llama_weights(model, config.pretrained.path)  # names and shapes only, from the headers
+    b = config.batch
+    if rank == 0:
+        print(f"parameters: {count_parameters(model)}\ntokens per step: {b.batch_size * b.sequence_length}\n"
+              f"accumulation steps: {b.batch_size // (b.micro_batch_size * world)}")
+
+
 def main(argv: list[str]) -> int:
-    args = [a for a in argv if a != "--dry-run"]
-    if not args or args[0].startswith("-"):
-        print("usage: python train.py CONFIG.yaml [section.key=value ...] [--dry-run]", file=sys.stderr)
-        return 2
+    args = parse_arguments(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     try:
-        config = load_config(args[0], args[1:], world)
-        if "--dry-run" in argv:
-            with torch.device("meta"):
-                model = Llama(config.model.base_model, config.batch.sequence_length)
-            b = config.batch
-            if rank == 0:
-                print(f"parameters: {count_parameters(model)}\ntokens per step: {b.batch_size * b.sequence_length}\n"
-                      f"accumulation steps: {b.batch_size // (b.micro_batch_size * world)}")
+        config = load_config(args.config, args.overrides, world)
+        if args.dry_run:
+            dry_run(config, rank, world)
             return 0
         device = torch.device("cpu")
         if torch.cuda.is_available():

@@ -327,9 +327,21 @@ def test_logs_are_exact_when_the_log_interval_is_not_a_multiple_of_the_checkpoin
 # Signals and kill -9, on real processes
 
 
-def start(config: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", str(config), *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+def start(config: Path, *overrides: str, command=("train.py",)) -> subprocess.Popen:
+    """train.py (or `command`) in a session of its own, so that finish() can end it and its children."""
+    return subprocess.Popen([sys.executable, *command, str(config), *overrides], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """Its output once it has ended; past the timeout every process of its session is killed first."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise AssertionError(f"still running after {timeout} s:\n{out[-2000:]}\n{err[-2000:]}") from None
 
 
 def wait_for_step(exp: Path, step: int, process: subprocess.Popen) -> None:
@@ -350,7 +362,7 @@ def test_a_signal_stops_with_a_checkpoint_and_the_resume_is_exact(setup, signum)
     process = start(config)
     wait_for_step(exp, at, process)
     process.send_signal(signum)
-    out, err = process.communicate(timeout=120)
+    out, err = finish(process)
     assert process.returncode == 0, err
     stopped = int(out.split("stopped at step ")[1].split(";")[0])
     assert stopped >= at and f"stopped at step {stopped}; run the same command to resume" in out
@@ -375,15 +387,14 @@ def slow(path, chunks):
 train.write_file = slow
 sys.exit(train.main(sys.argv[1:]))
 """)
-    process = subprocess.Popen([sys.executable, str(script), str(config)], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    process = start(config, command=(str(script),))
     wait_for_step(exp, 4, process)
     process.send_signal(signal.SIGTERM)
     deadline = time.time() + 60
     while not list((exp / "checkpoints").glob(".tmp-*")) and time.time() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=120)
+    out, _ = finish(process)
     assert process.returncode == -signal.SIGTERM and "stopped at step" not in out
     newest = exp / "checkpoints" / str(train.checkpoint_steps(exp)[0])
     assert train.checkpoint_steps(exp)[0] in (3, 6) and train.damage(newest, 0, 1) is None
@@ -394,10 +405,8 @@ def test_two_ranks_stop_together_on_a_signal_to_one_of_them(setup, tmp_path):
     config, exp = setup
     common = ["training.test_iters=0", "model.multi_stage.zero_stage=2"]
     torchrun(2, config, *common, f"run.experiment_dir={tmp_path / 'reference'}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               str(config), *common]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    process = start(config, *common, command=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                              "train.py"))
     wait_for_step(exp, random.Random(2).randint(1, 6), process)
     workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
     ranks = {}
@@ -405,7 +414,7 @@ def test_two_ranks_stop_together_on_a_signal_to_one_of_them(setup, tmp_path):
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         ranks.update({e.decode()[5:]: int(pid) for e in environ if e.startswith(b"RANK=")})
     os.kill(ranks["1"], signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
+    out, err = finish(process)
     assert process.returncode == 0 and "stopped at step" in out, out[-3000:] + err[-3000:]
     torchrun(2, config, *common)
     for key in ("loss", "grad_norm", "lr", "val_loss"):
@@ -423,7 +432,7 @@ def test_kill_9_at_random_moments_never_loses_a_bit(setup):
         process = start(config, *overrides)
         wait_for_step(exp, train.checkpoint_steps(exp)[0] + 1 if train.checkpoint_steps(exp) else 1, process)
         time.sleep(rng.uniform(0, 0.5))
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert train.main([str(config), *overrides]) == 0
     assert_same_run(exp, expected)
