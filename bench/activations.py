@@ -191,9 +191,14 @@ def build_transformers(layers: int):
     return net.train()
 
 
-def train_step_times(net, loss_fn, micro_batch: int, steps: int = 5, warmup: int = 2, compile: bool = False):
+PROFILES = []  # tables printed at the end of `speed`
+
+
+def train_step_times(net, loss_fn, micro_batch: int, steps: int = 5, warmup: int = 2, compile: bool = False,
+                     profile: bool = False):
     """Median seconds of a whole step (16 sequences of 4096 tokens in micro-batches), of its forward+backward
-    per micro-batch and of the optimizer (reduce + update); the peak memory."""
+    per micro-batch and of the optimizer (reduce + update); the peak memory. profile: print one more step's
+    GPU time by kernel (after the table, at the end of the output)."""
     opt = ZeroAdamW(net, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, decays=train.decays, zero_stage=2)
     forward = torch.compile(net) if compile else net
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -218,6 +223,14 @@ def train_step_times(net, loss_fn, micro_batch: int, steps: int = 5, warmup: int
             model_part.append(events[0].elapsed_time(events[1]) / 1000 / len(batches))
             optimizer_part.append(events[1].elapsed_time(events[2]) / 1000)
     peak = torch.cuda.max_memory_allocated()
+    if profile:  # one more step, its GPU time by kernel
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            opt.zero_grad()
+            for tokens in batches:
+                (loss_fn(forward, tokens) / len(batches)).backward()
+            opt.update(1e-4, 1.0, opt.reduce())
+            torch.cuda.synchronize()
+        PROFILES.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     del opt, forward
     return statistics.median(whole), statistics.median(model_part), statistics.median(optimizer_part), peak
 
@@ -251,7 +264,8 @@ def speed(compile_micro_batches: list[int], budget_s: float = 150):
         t0 = time.perf_counter()
         try:
             net = build()
-            whole, fwd_bwd, optimizer, peak = train_step_times(net, loss_fn, mb, compile=compile)
+            whole, fwd_bwd, optimizer, peak = train_step_times(net, loss_fn, mb, compile=compile,
+                                                               profile=name.startswith("ours"))
         except torch.OutOfMemoryError:
             print(f"| {name} | {mb} | out of memory |||||", flush=True)
             net = None
@@ -269,6 +283,8 @@ def speed(compile_micro_batches: list[int], budget_s: float = 150):
     for (name, mb), value in results.items():
         if ours and not name.startswith("ours"):
             print(f"\nours / {name} at micro-batch {mb}: {ours / value:.3f}")
+    for table in PROFILES:
+        print(f"\nOne step of ours by kernel (GPU time):\n\n{table}")
 
 
 # ---------------------------------------------------------------------------------------------
