@@ -120,8 +120,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class NormLinearFunction(torch.autograd.Function):
     """outputs[i] = rms_norm(x) @ weights[i].T (+ biases[i]): one RMSNorm feeding several projections
-    (q, k, v; or gate, up). Keeps x and rstd, not the normalized x: the backward recomputes it (a read of x,
-    bit-identical to the forward's) for the weight gradients, instead of holding H values per token."""
+    (q, k, v; or gate, up). Keeps x and rstd, not the normalized x: the backward recomputes it for the weight
+    gradients (the same kernel on the same x, so bit for bit the forward's) instead of holding H values a token."""
 
     @staticmethod
     def forward(ctx, x, norm_weight, eps, *linears):  # linears: weight_0, bias_0 (or None), weight_1, ...
