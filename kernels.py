@@ -14,6 +14,7 @@ module is imported (the tests do so). Conventions in every kernel:
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -73,37 +74,85 @@ def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, N,
     tl.store(dw_ptr + pid.to(tl.int64) * H + cols, dw, mask=cols < H)
 
 
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, H) contiguous -> (y, rstd): y in x's dtype, rstd float32 per row."""
+    y = torch.empty_like(x)
+    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(x.shape[1])
+    _rms_norm_forward_kernel[(x.shape[0],)](x, weight, y, rstd, x.shape[1], eps, BLOCK=block,
+                                            num_warps=_num_warps(block))
+    return y, rstd
+
+
+def _rms_norm_backward(dy, x, weight, rstd) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) from dy and what the forward kept: x (rows, H), its rstd."""
+    dy = dy.reshape(x.shape).contiguous()
+    dx = torch.empty_like(x)
+    rows = triton.cdiv(x.shape[0], 2 * _multiprocessors(x.device))  # per program; 2 per SM measured best
+    programs = triton.cdiv(x.shape[0], rows)
+    dw = torch.empty(programs, x.shape[1], dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(x.shape[1])
+    _rms_norm_backward_kernel[(programs,)](
+        dy, x, weight, rstd, dx, dw, x.shape[0], x.shape[1], rows, BLOCK=block, num_warps=_num_warps(block)
+    )
+    return dx, dw.sum(0).to(weight.dtype)
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        shape, H = x.shape, x.shape[-1]
-        x = x.reshape(-1, H).contiguous()
-        y = torch.empty_like(x)
-        rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(H)
-        _rms_norm_forward_kernel[(x.shape[0],)](x, weight, y, rstd, H, eps, BLOCK=block, num_warps=_num_warps(block))
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.shape = shape
-        return y.view(shape)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y, rstd = _rms_norm_forward(x2, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        dy = dy.reshape(x.shape).contiguous()
-        dx = torch.empty_like(x)
-        rows = triton.cdiv(x.shape[0], 2 * _multiprocessors(x.device))  # per program; 2 per SM measured best
-        programs = triton.cdiv(x.shape[0], rows)
-        dw = torch.empty(programs, x.shape[1], dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(x.shape[1])
-        _rms_norm_backward_kernel[(programs,)](
-            dy, x, weight, rstd, dx, dw, x.shape[0], x.shape[1], rows, BLOCK=block, num_warps=_num_warps(block)
-        )
-        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), None
+        dx, dw = _rms_norm_backward(dy, x, weight, rstd)
+        return dx.view(dy.shape), dw, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension of x (any leading shape); the twin is `model.rms_norm_torch`."""
     return RMSNormFunction.apply(x, weight, eps)
+
+
+class NormLinearFunction(torch.autograd.Function):
+    """outputs[i] = rms_norm(x) @ weights[i].T (+ biases[i]): one RMSNorm feeding several projections
+    (q, k, v; or gate, up). Keeps x and rstd, not the normalized x: the backward recomputes it for the weight
+    gradients (the same kernel on the same x, so bit for bit the forward's) instead of holding H values a token."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps, *linears):  # linears: weight_0, bias_0 (or None), weight_1, ...
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        xn, rstd = _rms_norm_forward(x2, norm_weight, eps)
+        weights, biases = linears[0::2], linears[1::2]
+        ctx.save_for_backward(x2, norm_weight, rstd, *weights)
+        ctx.eps, ctx.shape, ctx.has_bias = eps, x.shape, [b is not None for b in biases]
+        return tuple(F.linear(xn, w, b).view(*x.shape[:-1], w.shape[0]) for w, b in zip(weights, biases))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *douts):
+        x, norm_weight, rstd, *weights = ctx.saved_tensors
+        douts = [d.reshape(x.shape[0], -1) for d in douts]
+        dxn = douts[0] @ weights[0]
+        for d, w in zip(douts[1:], weights[1:]):
+            dxn.addmm_(d, w)  # the sum over the projections accumulates in the matmul (float32 inside)
+        xn = _rms_norm_forward(x, norm_weight, ctx.eps)[0]
+        grads = []
+        for d, has_bias in zip(douts, ctx.has_bias):
+            grads += [d.t() @ xn, d.sum(0) if has_bias else None]
+        del xn
+        dx, dw = _rms_norm_backward(dxn, x, norm_weight, rstd)
+        return dx.view(ctx.shape), dw, None, *grads
+
+
+def norm_linear(x, norm_weight, eps: float, weights, biases) -> tuple[torch.Tensor, ...]:
+    """rms_norm(x) fed to each projection (weights[i], biases[i] or None), x (..., H); the twin is
+    `model.norm_linear_torch`."""
+    return NormLinearFunction.apply(x, norm_weight, eps, *[t for pair in zip(weights, biases) for t in pair])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +215,74 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """x (batch, tokens, heads, head_dim) rotated by cos/sin (tokens, head_dim/2, float32), the
     half-split convention of Hugging Face's rotate_half; the twin is `model.rotary_torch`."""
     return RotaryFunction.apply(x, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU: the MLP's down projection of p = silu(g) * u = g * sigmoid(g) * u, g and u its gate and up
+
+
+@triton.jit
+def _swiglu_forward_kernel(g_ptr, u_ptr, p_ptr, n, BLOCK: tl.constexpr):
+    """Elementwise over n values: p = g * sigmoid(g) * u in float32, rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p_ptr + offs, (g * tl.sigmoid(g) * u).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_kernel(g_ptr, u_ptr, dp_ptr, n, BLOCK: tl.constexpr):
+    """In place, elementwise, in float32 with s = sigmoid(g):
+        dp's buffer <- p  = g s u                 (recomputed for the down projection's weight gradient)
+        g's buffer  <- dg = dp u s (1 + g (1 - s))  (d silu(g) / dg = s + g s (1 - s))
+        u's buffer  <- du = dp g s"""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dp = tl.load(dp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    tl.store(dp_ptr + offs, (g * s * u).to(dp_ptr.dtype.element_ty), mask=mask)
+    tl.store(g_ptr + offs, (dp * u * s * (1 + g * (1 - s))).to(g_ptr.dtype.element_ty), mask=mask)
+    tl.store(u_ptr + offs, (dp * g * s).to(u_ptr.dtype.element_ty), mask=mask)
+
+
+SWIGLU_BLOCK = 2048  # values per program
+
+
+class SwiGLULinearFunction(torch.autograd.Function):
+    """down(silu(gate) * up), keeping gate and up but not their product: the backward recomputes it in the
+    kernel that makes the gate and up gradients. Those are written over gate and up (nothing else holds
+    them), so the backward allocates one product-sized buffer; a second backward through the graph is
+    therefore not supported."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias):
+        gate, up = gate.contiguous(), up.contiguous()
+        p = torch.empty_like(gate)
+        grid = (triton.cdiv(p.numel(), SWIGLU_BLOCK),)
+        _swiglu_forward_kernel[grid](gate, up, p, p.numel(), BLOCK=SWIGLU_BLOCK, num_warps=_num_warps(SWIGLU_BLOCK))
+        ctx.save_for_backward(gate, up, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(p, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        gate, up, weight = ctx.saved_tensors
+        dout = dout.reshape(-1, weight.shape[0])
+        dp = (dout @ weight).view(gate.shape)  # then p, in place
+        grid = (triton.cdiv(dp.numel(), SWIGLU_BLOCK),)
+        _swiglu_backward_kernel[grid](gate, up, dp, dp.numel(), BLOCK=SWIGLU_BLOCK,
+                                      num_warps=_num_warps(SWIGLU_BLOCK))
+        dweight = dout.t() @ dp.view(dout.shape[0], -1)
+        return gate, up, dweight, dout.sum(0) if ctx.has_bias else None
+
+
+def swiglu_linear(gate, up, weight, bias=None) -> torch.Tensor:
+    """F.linear(silu(gate) * up, weight, bias) for gate, up (..., F); the twin is `model.swiglu_linear_torch`."""
+    return SwiGLULinearFunction.apply(gate, up, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,10 +381,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         # divides the loss by accumulation steps x ranks) scales them in place, as a device tensor:
         # no host synchronization. The gradients are handed over, so a second backward through
         # this graph is not supported.
+        # _foreach_mul_, not mul_: mul_ by a 0-dim tensor took twice as long on an H200 (BENCHMARKS.md).
         grad_h, grad_w, ctx.grad_h, ctx.grad_w = ctx.grad_h, ctx.grad_w, None, None
-        for grad in (grad_h, grad_w):
-            if grad is not None:
-                grad.mul_(grad_loss.to(grad.dtype))
+        grads = [grad for grad in (grad_h, grad_w) if grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, grad_loss.to(grads[0].dtype))
         return grad_h, grad_w, None, None
 
 

@@ -3,9 +3,9 @@
     tokens -> embed_tokens -> L x [ x + attn(rms_norm(x)) ; x + mlp(rms_norm(x)) ] -> norm -> lm_head -> loss
 
 Parameter names follow Hugging Face's `LlamaForCausalLM` without its `model.` prefix, so export is a
-rename. The three ops that decide speed on a GPU (RMSNorm, rotary, the cross-entropy over a 128k
-vocabulary) are the pure-torch functions `rms_norm_torch`, `rotary_torch` and `cross_entropy_torch`
-below; `kernels.py` holds Triton versions of them that the tests compare against these twins.
+rename. The ops that decide speed and memory on a GPU (RMSNorm, alone or feeding projections, rotary,
+SwiGLU with the down projection, the cross-entropy over a 128k vocabulary) are the pure-torch functions
+`*_torch` below; `kernels.py` holds Triton versions of them that the tests compare against these twins.
 The model knows nothing of distribution or optimizers: `train.py` and `zero.py` apply those.
 """
 import math
@@ -76,6 +76,14 @@ class TransformerConfig:
     def std(self) -> float:
         return self.init_method_std if self.init_method_std is not None else self.hidden_size**-0.5
 
+    def activation_bytes(self, itemsize: int) -> int:
+        """Bytes per token that a block keeps for its backward, run with the kernels and not recomputed
+        (tests/test_memory.py measures it): in the training dtype its input and the residual stream after
+        attention, q, k, v after rotary, the attention output, gate and up; in float32 each norm's rstd and
+        attention's log-sum-exp per head. A recomputed block keeps its input alone."""
+        q, kv = self.num_attention_heads * self.head_dim, self.head_groups * self.head_dim
+        return itemsize * 2 * (self.hidden_size + q + kv + self.ffn_size) + 4 * (2 + self.num_attention_heads)
+
 
 @dataclass
 class BaseModelConfig:
@@ -143,6 +151,18 @@ def rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def norm_linear_torch(x, norm_weight, eps: float, weights, biases) -> list[torch.Tensor]:
+    """[linear(rms_norm(x), weights[i], biases[i])]: one norm feeding several projections (q, k, v; gate, up)."""
+    y = rms_norm_torch(x, norm_weight, eps)
+    return [F.linear(y, w, b) for w, b in zip(weights, biases)]
+
+
+def swiglu_linear_torch(gate, up, weight, bias=None, act=F.silu) -> torch.Tensor:
+    """linear(act(gate) * up): the MLP after its gate and up projections, the product in float32, rounded once."""
+    g = gate.to(torch.promote_types(gate.dtype, torch.float32))
+    return F.linear((act(g) * up.to(g.dtype)).to(gate.dtype), weight, bias)
+
+
 def cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits = hidden @ weight.T (tokens x vocab, in float32) against labels;
     labels of -100 are ignored. Holds the full logits: the fused kernel avoids exactly that."""
@@ -160,15 +180,22 @@ def _kernels_on(x: torch.Tensor) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _kernels_on(x):
-        return kernels.rms_norm(x, weight, eps)
-    return rms_norm_torch(x, weight, eps)
+    return (kernels.rms_norm if _kernels_on(x) else rms_norm_torch)(x, weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if _kernels_on(x):
-        return kernels.rotary(x, cos, sin)
-    return rotary_torch(x, cos, sin)
+    return (kernels.rotary if _kernels_on(x) else rotary_torch)(x, cos, sin)
+
+
+def norm_linear(x: torch.Tensor, norm: "RMSNorm", linears: list[nn.Linear]) -> list[torch.Tensor]:
+    fn = kernels.norm_linear if _kernels_on(x) else norm_linear_torch
+    return fn(x, norm.weight, norm.eps, [m.weight for m in linears], [m.bias for m in linears])
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, down: nn.Linear, activation: str) -> torch.Tensor:
+    if activation == "silu" and _kernels_on(gate):  # the kernel is SiLU's; other activations run the twin
+        return kernels.swiglu_linear(gate, up, down.weight, down.bias)
+    return swiglu_linear_torch(gate, up, down.weight, down.bias, ACTIVATIONS[activation])
 
 
 def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str) -> torch.Tensor:
@@ -202,9 +229,8 @@ def rotary_frequencies(config: TransformerConfig) -> torch.Tensor:
     if r.scaling_type == "llama3":
         # Long wavelengths are slowed down by scale_factor, short ones kept, a smooth blend between.
         wavelength = 2 * math.pi / freqs
-        smooth = (r.original_context_length / wavelength - r.low_frequency_factor) / (
-            r.high_frequency_factor - r.low_frequency_factor
-        )
+        smooth = ((r.original_context_length / wavelength - r.low_frequency_factor)
+                  / (r.high_frequency_factor - r.low_frequency_factor))
         blended = (1 - smooth) * freqs / r.scale_factor + smooth * freqs
         low = wavelength > r.original_context_length / r.low_frequency_factor
         high = wavelength < r.original_context_length / r.high_frequency_factor
@@ -216,12 +242,8 @@ def rotary_frequencies(config: TransformerConfig) -> torch.Tensor:
 # Modules
 
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "squared_relu": lambda x: F.relu(x).square(),
-}
+ACTIVATIONS = {"silu": F.silu, "gelu": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+               "squared_relu": lambda x: F.relu(x).square()}
 
 
 class RMSNorm(nn.Module):
@@ -244,11 +266,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.kv_heads * d, bias=bias, dtype=dtype)
         self.o_proj = nn.Linear(self.heads * d, h, bias=bias, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """attention(norm(x)), the norm fused into the q, k, v projections."""
         b, t, _ = x.shape
-        q = rotary(self.q_proj(x).view(b, t, self.heads, self.head_dim), cos, sin)
-        k = rotary(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        q, k, v = norm_linear(x, norm, [self.q_proj, self.k_proj, self.v_proj])
+        q = rotary(q.view(b, t, self.heads, self.head_dim), cos, sin)
+        k = rotary(k.view(b, t, self.kv_heads, self.head_dim), cos, sin)
+        v = v.view(b, t, self.kv_heads, self.head_dim)
         # (batch, heads, tokens, head_dim) for SDPA, which picks flash attention on a GPU;
         # enable_gqa lets each key/value head serve heads / kv_heads query heads without copies.
         y = F.scaled_dot_product_attention(
@@ -262,13 +286,15 @@ class MLP(nn.Module):
     def __init__(self, config: TransformerConfig, dtype: torch.dtype):
         super().__init__()
         h, f, bias = config.hidden_size, config.ffn_size, config.add_linear_biases
-        self.act = ACTIVATIONS[config.activation]
+        self.activation = config.activation
         self.gate_proj = nn.Linear(h, f, bias=bias, dtype=dtype)
         self.up_proj = nn.Linear(h, f, bias=bias, dtype=dtype)
         self.down_proj = nn.Linear(f, h, bias=bias, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """down(act(gate(norm(x))) * up(norm(x))), the norm fused into gate and up."""
+        gate, up = norm_linear(x, norm, [self.gate_proj, self.up_proj])
+        return swiglu_linear(gate, up, self.down_proj, self.activation)
 
 
 class Block(nn.Module):
@@ -281,8 +307,8 @@ class Block(nn.Module):
         self.mlp = MLP(config, dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(x, self.input_layernorm, cos, sin)
+        return x + self.mlp(x, self.post_attention_layernorm)
 
 
 class Llama(nn.Module):

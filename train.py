@@ -619,20 +619,54 @@ def decays(name: str) -> bool:
 
 
 def recompute_layers(config: Config, device: torch.device) -> int:
-    """The configured number of recomputed blocks, or (null) the fewest that let the others keep their
-    activations in the GPU memory left once weights and optimizer are in place. Per token a block keeps
-    7 x hidden (input, 2 norm outputs, q, attention output, o_proj's input, residual), k and v, and
-    4 x ffn (gate, up, activation, product); a recomputed one keeps its input. The reserve covers one
-    block being recomputed, the loss chunks, the reduce-scatter staging and allocator slack."""
-    m, b = config.model.base_model, config.batch
-    if m.recompute_layers is not None or device.type != "cuda":
+    """How many blocks recompute their activations in backward: the configured number, or (null) the fewest
+    that let the others keep theirs in the GPU memory left once weights and optimizer are in place. On a GPU,
+    a run that can't fit even with recomputation stops here, naming a micro-batch that would fit.
+
+    At the peak, the start of backward, a block that is not recomputed holds `activation_bytes` per token
+    (model.py; measured by tests/test_memory.py and on an H200: BENCHMARKS.md), a recomputed one its input.
+    Beside them, the workspace: the head's gradient (made in the loss's forward), then the loss's logits
+    chunk or one block's backward, whichever is larger; ZeRO-2's float32 staging over several ranks (the
+    head's own bucket and two default ones); allocator slack. The first block backward visits is the last:
+    recomputing it saves nothing (its activations are rebuilt at the peak), so at least one keeps them."""
+    m, b, t = config.model.base_model, config.batch, config.model.base_model.transformer
+    if device.type != "cuda":
         return m.recompute_layers or 0
-    t, tokens = m.transformer, b.micro_batch_size * b.sequence_length
-    size = tokens * DTYPES[config.model.distributed.training_dtype].itemsize
-    per_block = size * (7 * t.hidden_size + 2 * t.head_groups * t.head_dim + 4 * t.ffn_size)
+    itemsize = DTYPES[config.model.distributed.training_dtype].itemsize
+    world = dist.get_world_size() if dist.is_initialized() else 1
     free, total = torch.cuda.mem_get_info(device)
-    budget = free - per_block - 8e9 - 0.05 * total - t.num_layers * size * t.hidden_size
-    return max(0, t.num_layers - max(0, int(budget // (per_block - size * t.hidden_size))))
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # PyTorch's cache is reusable
+    head = m.vocab_size * t.hidden_size
+    staging = 4 * (head + 2**27) if config.model.multi_stage.zero_stage == 2 and world > 1 else 0
+
+    def budget(micro_batch: int) -> tuple[float, int, int]:
+        """(memory for the blocks, bytes a kept block holds, bytes a recomputed one holds)"""
+        tokens = micro_batch * b.sequence_length
+        kept, recomputed = tokens * t.activation_bytes(itemsize), tokens * t.hidden_size * itemsize
+        loss = (2**29 + recomputed if m.cross_entropy_impl != "torch"  # kernels.LOGITS_CHUNK_BYTES, grad of hidden
+                else 16 * tokens * m.vocab_size)  # the full logits, float32 copies and their gradient
+        backward = tokens * itemsize * (t.ffn_size + 2 * t.hidden_size) + 3 * itemsize * t.ffn_size * t.hidden_size
+        return free - head * itemsize - max(loss, backward) - staging - 1e9 - 0.02 * total, kept, recomputed
+
+    def kept_blocks(micro_batch: int) -> int:  # below 1: it doesn't fit even recomputing every block
+        room, kept, recomputed = budget(micro_batch)
+        return int((room - t.num_layers * recomputed) // (kept - recomputed))
+
+    if kept_blocks(b.micro_batch_size) < 1:
+        room, kept, recomputed = budget(b.micro_batch_size)
+        fits = [n for n in range(b.micro_batch_size - 1, 0, -1) if kept_blocks(n) >= 1]
+        hint = (f"batch.micro_batch_size {fits[0]} would fit (batch.batch_size must stay a whole number of "
+                f"micro_batch_size x {world} rank(s))" if fits else "not even micro_batch_size 1 fits")
+        raise ConfigError(
+            f"batch.micro_batch_size {b.micro_batch_size} does not fit in GPU memory, even with every block "
+            f"recomputed: after the weights, the optimizer state and the workspace (the loss, one block's backward, "
+            f"allocator slack), {room / 1e9:.1f} GB remain for the blocks, which need {t.num_layers} x "
+            f"{recomputed / 1e9:.2f} GB (each block's input) + {(kept - recomputed) / 1e9:.2f} GB (the activations "
+            f"of the block in backward). {hint}; more GPUs, which shard the optimizer state, or a shorter "
+            f"batch.sequence_length also help.")
+    if m.recompute_layers is not None:
+        return m.recompute_layers
+    return max(0, t.num_layers - kept_blocks(b.micro_batch_size))
 
 
 # ---------------------------------------------------------------------------------------------

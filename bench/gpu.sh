@@ -4,6 +4,10 @@
 #                                ZeRO-2 weak scaling on 1, 2, 4 GPUs (8B shapes, 4 layers)
 #   bash bench/gpu.sh seed N     the seed recipe on N GPUs (per-GPU work as on 8: micro-batch 4 x 4096,
 #                                batch 480, accumulation 480 / (4 N)), random data, profile of step 3
+#   bash bench/gpu.sh issue13    gpu-marked tests; one block's activations and time (bench/activations.py memory);
+#                                the 1-GPU proxy (8B shapes, 4 layers, batch 16) by train.py, as if on the 80 GB card
+#                                of an 8-rank seed (cap from bench/activations.py cap), and with a 40 GB cap; ours
+#                                against transformers eager and torch.compile (bench/activations.py speed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
@@ -23,4 +27,17 @@ seed)
   n=$2
   LLAMA_PROFILE=$OUT/profile_seed.txt torchrun --standalone --nproc_per_node=$n train.py $seed training.train_iters=${3:-4} \
     run.experiment_dir=/tmp/seed 2>&1 | grep -vE "^\s*$" | tail -20 | tee "$OUT/seed$n.txt" ;;
+issue13)
+  timeout 200 python -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+  timeout 100 python bench/activations.py memory 2>&1 | tee "$OUT/memory.md"
+  proxy="$seed model.base_model.transformer.num_layers=4 batch.batch_size=16"
+  keep="^(step|starting|error|filler)|Error|error:"
+  timeout 90 python train.py $proxy model.base_model.recompute_layers=0 training.train_iters=7 run.experiment_dir=/tmp/p0 \
+    2>&1 | grep -E "$keep" | tee "$OUT/proxy.txt"
+  cap=$(python bench/activations.py cap 2>&1 | tee "$OUT/cap.md" | tail -1)
+  for c in $cap 40e9; do
+    timeout 90 python bench/as_80gb.py --capacity $c $proxy training.train_iters=7 run.experiment_dir=/tmp/p$c 2>&1 \
+      | grep -E "$keep" | tee -a "$OUT/proxy.txt"
+  done
+  timeout 330 python bench/activations.py speed ${2:-4 8} 2>&1 | tee "$OUT/speed.md" ;;
 esac

@@ -103,6 +103,75 @@ def test_rotary_gpu(heads, head_dim, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# RMSNorm feeding projections; SwiGLU with the down projection
+
+
+def run_fused(kernel, twin, inputs, dtype, grad_inputs=None):
+    """kernel(*inputs) against twin(*inputs in float64): outputs, then the gradient of every floating input.
+    The kernels may write over what they were given (SwiGLU's backward does), so each gets fresh copies."""
+    outs, refs = [], []
+    for fn, dt, into in ((kernel, dtype, outs), (twin, torch.float64, refs)):
+        leaves = [leaf(t, dt) if torch.is_tensor(t) else t for t in inputs]
+        ys = fn(*[t * 1 if torch.is_tensor(t) else t for t in leaves])  # non-leaf copies go in
+        ys = [ys] if torch.is_tensor(ys) else list(ys)
+        torch.autograd.backward(ys, [torch.ones_like(y) * (i + 1) + torch.linspace(-1, 1, y.numel()).to(y).view_as(y)
+                                     for i, y in enumerate(ys)])
+        into += ys + [t.grad for t in leaves if torch.is_tensor(t)]
+    assert len(outs) == len(refs)
+    for i, (out, ref) in enumerate(zip(outs, refs)):
+        assert torch.isfinite(out).all(), i
+        err = rel_error(out, ref)
+        assert err < TOLERANCE[dtype], f"{i}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+def run_norm_linear(shape, outs, bias, dtype, device):
+    H = shape[-1]
+    weights = [torch.randn(n, H, device=device) / math.sqrt(H) for n in outs]
+    biases = [torch.randn(n, device=device) if bias else None for n in outs]
+    inputs = [torch.randn(shape, device=device), 1 + 0.2 * torch.randn(H, device=device), *weights, *biases]
+    k = len(outs)
+
+    def call(fn):
+        return lambda x, w, *wb: fn(x, w, 1e-5, list(wb[:k]), list(wb[k:]))
+    run_fused(call(kernels.norm_linear), call(model.norm_linear_torch), inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape,outs,bias", [((2, 5, 48), (48, 16, 16), False), ((7, 33), (20, 20), True),
+                                              ((1, 3, 100), (7,), False)])
+def test_norm_linear(shape, outs, bias, dtype):
+    run_norm_linear(shape, outs, bias, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,outs,bias", [((2, 2048, 4096), (4096, 1024, 1024), False),
+                                              ((3000, 1000), (600, 600), True)])
+def test_norm_linear_gpu(shape, outs, bias, dtype):
+    run_norm_linear(shape, outs, bias, dtype, "cuda")
+
+
+def run_swiglu_linear(shape, out, bias, dtype, device):
+    F_ = shape[-1]
+    inputs = [3 * torch.randn(shape, device=device), torch.randn(shape, device=device),
+              torch.randn(out, F_, device=device) / math.sqrt(F_), torch.randn(out, device=device) if bias else None]
+    run_fused(kernels.swiglu_linear, model.swiglu_linear_torch, inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape,out,bias", [((2, 5, 96), 48, False), ((3, 1000), 7, True), ((1, 1, 4099), 16, False)])
+def test_swiglu_linear(shape, out, bias, dtype):
+    run_swiglu_linear(shape, out, bias, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,out,bias", [((2, 2048, 14336), 4096, False), ((3000, 1000), 600, True)])
+def test_swiglu_linear_gpu(shape, out, bias, dtype):
+    run_swiglu_linear(shape, out, bias, dtype, "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
 # Fused linear cross-entropy
 
 
