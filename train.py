@@ -828,20 +828,21 @@ class NonFinite(Exception):
 
 
 class Stop:
-    """SIGTERM or SIGINT asks the run to stop after the current step, with a checkpoint; a second one
-    ends the process at once (its default action), leaving the previous checkpoint intact."""
+    """SIGTERM or SIGINT asks the run to stop after the current step, with a checkpoint; another one ends
+    the process at once (its default action), leaving the previous checkpoint intact. Signals within half
+    a second count as one: a launcher (torchrun, srun) often relays the one it got on top of the original."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = None  # when the first signal came
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
             signal.siginterrupt(sig, False)  # a system call that the signal lands in restarts (gloo, NCCL threads)
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested is not None and time.time() - self.requested > 0.5:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        self.requested = True
+        self.requested = self.requested or time.time()
 
 
 class Trainer:
@@ -986,7 +987,7 @@ class Trainer:
         grad_norm = self.optimizer.reduce()
         # What every rank must agree on, in one all-reduce and one host synchronization a step: ranks
         # whose loss is not finite, ranks asked to stop; the gradient norm is already global.
-        flags = torch.tensor([0.0, float(self.stop.requested)], device=self.device)
+        flags = torch.tensor([0.0, float(self.stop.requested is not None)], device=self.device)
         flags[0] = (~torch.isfinite(interval_loss)).float()
         if self.world > 1:
             dist.all_reduce(flags)

@@ -8,6 +8,7 @@
 #                                the 1-GPU proxy (8B shapes, 4 layers, batch 16) by train.py, as if on the 80 GB card
 #                                of an 8-rank seed (cap from bench/activations.py cap), and with a 40 GB cap; ours
 #                                against transformers eager and torch.compile (bench/activations.py speed)
+#   bash bench/gpu.sh overhead   the proxy's step time, this tree against an older one in .device/base
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
@@ -40,4 +41,15 @@ issue13)
       | grep -E "$keep" | tee -a "$OUT/proxy.txt"
   done
   timeout 330 python bench/activations.py speed ${2:-4 8} 2>&1 | tee "$OUT/speed.md" ;;
+overhead)
+  # What the per-step checks cost (issue 10: non-finite loss/gradient agreed once a step; issue 12: timed log
+  # lines): the same proxy step, this tree against the tree at $2 (git archive'd into .device/base and carried),
+  # interleaved A B A B so that clocks and temperature drift hit both. 12 steps each, steps 4-12 kept.
+  proxy="$seed model.base_model.transformer.num_layers=4 model.base_model.recompute_layers=0 batch.batch_size=16"
+  for round in 1 2; do
+    for tree in . .device/base; do
+      (cd $tree && timeout 120 python train.py $proxy training.train_iters=12 run.experiment_dir=/tmp/o$round${tree//\//_} \
+        2>&1 | grep -E "^step [0-9]+/" | sed "s|^|$tree round $round: |") | tee -a "$OUT/overhead.txt"
+    done
+  done ;;
 esac

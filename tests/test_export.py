@@ -389,9 +389,12 @@ def test_cli_exports_a_checkpoint_and_rejects_a_non_checkpoint(tmp_path):
     assert hf.dtype == torch.bfloat16 and len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
     torch.testing.assert_close(logits(hf.float(), tokens()), logits(model.float(), tokens()), atol=1e-5, rtol=0)
 
-    result = run(tmp_path, tmp_path / "other")
+    result = run(tmp_path / "checkpoints", tmp_path / "other")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"export.py: error: {tmp_path}: not a checkpoint folder") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"export.py: error: {tmp_path / 'checkpoints'}: not a checkpoint folder")
+    assert result.stderr.count("\n") == 1
+    result = run(tmp_path, tmp_path / "newest")  # an experiment folder: its newest checkpoint
+    assert result.returncode == 0 and f"exported {tmp_path} to {tmp_path / 'newest'}" in result.stdout
     result = run(checkpoint, tmp_path / "other", "--tokenizer", tmp_path / "tokenizer.json")
     assert result.returncode == 2 and "vocab_size is 128" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "other").exists()

@@ -393,6 +393,7 @@ sys.exit(train.main(sys.argv[1:]))
     deadline = time.time() + 60
     while not list((exp / "checkpoints").glob(".tmp-*")) and time.time() < deadline:
         time.sleep(0.01)
+    time.sleep(0.6)  # signals closer than half a second count as one (a launcher relaying it)
     process.send_signal(signal.SIGTERM)
     out, _ = finish(process)
     assert process.returncode == -signal.SIGTERM and "stopped at step" not in out
@@ -436,3 +437,20 @@ def test_kill_9_at_random_moments_never_loses_a_bit(setup):
         process.wait()
     assert train.main([str(config), *overrides]) == 0
     assert_same_run(exp, expected)
+
+
+def test_signals_relayed_by_a_launcher_count_as_one(monkeypatch):
+    killed = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(sig))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = train.Stop()
+        stop.handle(signal.SIGINT, None)  # Ctrl-C reaches torchrun and the workers;
+        stop.handle(signal.SIGTERM, None)  # torchrun relays it as SIGTERM a moment later
+        assert stop.requested is not None and killed == []
+        stop.requested -= 1  # a second later, another one: the process ends at once
+        stop.handle(signal.SIGTERM, None)
+        assert killed == [signal.SIGTERM]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
