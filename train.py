@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import export
-from data import Data, DataConfig, DataError, Loader
+from data import IGNORE_INDEX, Data, DataConfig, DataError, Loader
 from model import BaseModelConfig, Llama, count_parameters
 from zero import ZeroAdamW
 
@@ -451,12 +451,15 @@ def profiled(active: bool):
 
 @torch.no_grad()
 def evaluate(model, loader: Loader, iterations: int, world: int, device) -> float:
-    total, count = torch.zeros((), device=device), 0
+    """The mean loss over all labelled tokens of the pass, on all ranks."""
+    sums = torch.zeros(2, device=device)  # the loss summed over labelled tokens, and their number
     for _ in range(iterations):
-        for tokens in loader.next_batch():
-            total += model(tokens[:, :-1], tokens[:, 1:])
-            count += 1
-    return all_reduce_mean(total / count, world)
+        for inputs, labels in loader.next_batch():
+            count = (labels != IGNORE_INDEX).sum()
+            sums += torch.stack([torch.where(count > 0, model(inputs, labels) * count, 0.0), count.float()])
+    if world > 1:
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 def train(config: Config, rank: int, world: int, device: torch.device) -> None:
@@ -491,6 +494,8 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
         exp.mkdir(parents=True, exist_ok=True)
         (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     log = Logger(exp / "metrics.jsonl", rank, trainer["step"] if checkpoint else 0)
+    for warning in data.warnings:
+        log(f"warning: {warning}")
     step, consumed = trainer["step"], trainer["consumed"]
     loaders = {s: Loader(data, s, consumed.get(s, 0), b.batch_size, b.micro_batch_size, rank, world, device)
                for s in ("train", "validation")}
@@ -528,12 +533,18 @@ def train(config: Config, rank: int, world: int, device: torch.device) -> None:
         lr = learning_rate(c.learning_rate, step, t.train_iters)
         with profiled(step == profile_step):
             micro_batches = loaders["train"].next_batch()
+            # The step's loss is the mean over its labelled tokens on all ranks, as Fast-LLM's: each micro-batch's
+            # mean weighs in by its share of them (1 / (micro-batches x ranks) when no label is masked), and the
+            # optimizer sums the gradients. A micro-batch with no label (mean 0 / 0) adds nothing.
+            counts = [(labels != IGNORE_INDEX).sum() for _, labels in micro_batches]
+            total = sum(counts)
+            if world > 1:
+                dist.all_reduce(total)
             optimizer.zero_grad()
-            for tokens in micro_batches:
-                loss = model(tokens[:, :-1], tokens[:, 1:])
-                # The optimizer sums gradients over micro-batches and ranks: scale so the sum is the mean.
-                (loss / (len(micro_batches) * world)).backward()
-                interval_loss += loss.detach() / len(micro_batches)
+            for (inputs, labels), count in zip(micro_batches, counts):
+                loss = torch.where(count > 0, model(inputs, labels) * count / total, 0.0)
+                loss.backward()
+                interval_loss += loss.detach() * world  # all_reduce_mean divides the sum over ranks by world
             grad_norm = optimizer.step(lr, c.gradient_norm_clipping)
         interval_steps, interval_time = interval_steps + 1, interval_time + time.perf_counter() - start
 
