@@ -14,7 +14,11 @@ import torch
 import yaml
 
 import data
-from data import SPLITS, Data, DataConfig, DataError, Loader, MemmapDataset, write_dataset
+import train
+from data import SPLITS, Data, DataConfig, DataError, Loader, MemmapDataset, SamplingConfig, write_dataset
+from model import Llama
+from test_model import build as build_model
+from test_train import CONFIG as TRAIN_CONFIG, metrics as train_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -517,6 +521,143 @@ def test_loader_follows_a_moved_position_and_checks_sizes(stream_data):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Loss-masking spans
+
+
+def docs_with_spans(rng, sizes: list[int], offset: int, vocab: int | None = None):
+    """Documents whose tokens are their stream position plus offset (mod vocab, if given), and random spans [b, e)
+    per document, some empty, some overlapping, some at a document's edges."""
+    tokens = np.arange(sum(sizes)) + offset
+    docs = [d.tolist() for d in np.split(tokens % vocab if vocab else tokens, np.cumsum(sizes)[:-1])]
+    spans = [[tuple(sorted(rng.integers(0, size + 1, 2).tolist())) for _ in range(rng.integers(0, 4))] for size in sizes]
+    return docs, spans
+
+
+def spanned_data(tmp_path: Path, use: bool = True, vocab: int | None = None, length: int = 16) -> tuple[Data, set]:
+    """A blend of an index of version 2 and a single file, both with spans; returns Data and the masked tokens."""
+    rng = np.random.default_rng(0)
+    (a, spans_a), (b, spans_b) = (docs_with_spans(rng, rng.integers(1, 40, 60).tolist(), o, vocab) for o in (0, 10_000))
+    write_by_hand(tmp_path / "a", a, code=4, fmt="i", version=2, spans=[[(s, e - 1) for s, e in d] for d in spans_a])
+    fast_llm_by_hand(tmp_path / "b.fast_llm_dataset", b, fmt="i", data_type="int32", ranges={"loss_masking_spans": spans_b})
+    path = write_json(tmp_path / "d.json", [{"prefix": "a", "weight": 1}, {"prefix": "b.fast_llm_dataset", "weight": 2}])
+    masked = {t for docs, spans in ((a, spans_a), (b, spans_b)) for doc, s in zip(docs, spans) for x, y in s for t in doc[x:y]}
+    config = DataConfig(path=str(path), split=[8, 2, 0], sampling=SamplingConfig(use_loss_masking_spans=use))
+    return Data(config, length, vocab or 20_000, seed=0), masked
+
+
+def test_spans_become_ignored_labels_in_every_window(tmp_path):
+    d, masked = spanned_data(tmp_path)
+    assert d.warnings == []
+    for split in ("train", "validation"):
+        n = d.num_samples(split)
+        tokens, ignored = d.samples(split, 0, 2 * n).numpy(), d.ignored(split, 0, 2 * n)
+        # Label j of a window is its token j + 1: ignored exactly when that token lies in a span of its document.
+        expected = np.isin(tokens[:, 1:], list(masked))
+        assert ignored.shape == (2 * n, 16) and ignored.any() and not ignored.all()
+        assert (ignored == expected).all()
+    loader = Loader(d, "train", 0, 4, 2)
+    pairs, tokens = loader.next_batch(), d.samples("train", 0, 4)
+    loader.close()
+    labels = torch.where(torch.from_numpy(d.ignored("train", 0, 4)), data.IGNORE_INDEX, tokens[:, 1:])
+    assert torch.equal(torch.cat([x for x, _ in pairs]), tokens[:, :-1]) and torch.equal(torch.cat([y for _, y in pairs]), labels)
+
+
+def test_spans_unused_are_said_once_and_change_nothing(tmp_path):
+    d, _ = spanned_data(tmp_path, use=False)
+    assert d.ignored("train", 0, 8) is None and len(d.warnings) == 1
+    assert "2 of the 2 datasets" in d.warnings[0] and "data.sampling.use_loss_masking_spans: true" in d.warnings[0]
+    stream_dataset(tmp_path, [10, 20, 30], name="plain")
+    path = write_json(tmp_path / "p.json", [{"prefix": "plain", "weight": 1}])
+    d = Data(DataConfig(path=str(path), sampling=SamplingConfig(use_loss_masking_spans=True)), 4, 100, 0)
+    assert d.ignored("train", 0, 8) is None and "no dataset of" in d.warnings[0]
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_masked_labels_add_nothing_to_the_loss_or_its_gradients(impl):
+    torch.manual_seed(0)
+    model, _ = build_model()
+    model.config.cross_entropy_impl = impl  # the twin, or the Triton kernel (interpreted on the CPU)
+    inputs, labels = torch.randint(0, 101, (2, 24)), torch.randint(0, 101, (2, 24))
+    ignored = torch.rand(2, 24) < 0.4
+    loss = model(inputs, torch.where(ignored, data.IGNORE_INDEX, labels))
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    # By hand: the cross-entropy of each kept label from the full logits, averaged over the kept labels only; the
+    # masked labels' tokens appear nowhere.
+    model.zero_grad()
+    manual = -model(inputs).log_softmax(-1).gather(-1, labels[..., None])[..., 0][~ignored].mean()
+    manual.backward()
+    torch.testing.assert_close(loss, manual, atol=1e-5, rtol=1e-5)
+    for ours, expected in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def learnable_with_spans(rng, n: int = 200):
+    """test_train's kind of documents (runs of consecutive tokens mod 64, learnable), with random spans [b, e)."""
+    docs = [[(s + i) % 64 for i in range(size)] for s, size in zip(rng.integers(0, 64, n), rng.integers(20, 60, n))]
+    return docs, [[tuple(sorted(rng.integers(0, len(d) + 1, 2).tolist()))] for d in docs]
+
+
+def write_format(folder: Path, case: str, rng) -> Path:
+    """The data.path of a dataset in `case`'s format, built byte by byte."""
+    folder.mkdir(parents=True)
+    docs, spans = learnable_with_spans(rng)
+    last = [[(b, e - 1) for b, e in s] for s in spans]
+    if case.startswith("index"):
+        extras = {"v2": dict(spans=last), "v3": dict(spans=last, preference=[((0, 1), (2, 3))] * len(docs)),
+                  "Megatron": dict(index_length=120, tail=bytes(len(docs)))}[case.split()[1]]
+        write_by_hand(folder / "x", docs, code=8, fmt="H", version=1 if "Megatron" in case else int(case[7]), **extras)
+        return write_json(folder / "d.json", [{"prefix": "x"}])
+    fast_llm_by_hand(folder / "x.fast_llm_dataset", docs, ranges={"loss_masking_spans": spans})
+    if case == "single file":
+        return yaml_file(folder / "fast_llm_config.yaml", {"config": {"type": "memmap", "path": "x.fast_llm_dataset"},
+                                                           "metadata": {}})
+    write_by_hand(folder / "y", docs[::-1], code=3, fmt="h", version=3, spans=last[::-1])
+    yaml_file(folder / "inner.yaml", {"type": "memmap", "path": "y"})
+    return yaml_file(folder / "d.yaml", {"type": "blended", "weights": [2, 1], "datasets": [
+        {"type": "slice", "dataset": {"type": "memmap", "path": "x.fast_llm_dataset"}, "end": 0.8},
+        {"type": "concatenated", "datasets": [{"type": "file", "path": "inner.yaml"},
+                                              {"type": "slice", "dataset": {"type": "memmap", "path": "y"}, "begin": 0.5}]}]})
+
+
+def run_train(tmp_path: Path, path: Path, *overrides: str) -> Path:
+    """train.py on test_train's tiny model and `path`, its loss-masking spans used; returns the experiment folder."""
+    exp = tmp_path / f"exp{len(list(tmp_path.glob('exp*')))}"
+    config = tmp_path / f"{exp.name}.yaml"
+    config.write_text(TRAIN_CONFIG.replace("DATA", str(path)).replace("EXP", str(exp)))
+    assert train.main([str(config), "training.checkpoint.interval=null", "data.sampling.use_loss_masking_spans=true",
+                       *overrides]) == 0
+    return exp
+
+
+@pytest.mark.parametrize("case", ["index v2 spans", "index v3 spans and preference", "index Megatron multimodal",
+                                  "single file", "Fast-LLM YAML"])
+def test_each_format_trains(tmp_path, case):
+    exp = run_train(tmp_path, write_format(tmp_path / "data", case, np.random.default_rng(0)), "training.train_iters=3")
+    loss = train_metrics(exp, "loss")
+    assert sorted(loss) == [1, 2, 3] and all(np.isfinite(list(loss.values()))) and list(train_metrics(exp, "val_loss")) == [3]
+
+
+def test_step_loss_is_the_mean_over_labelled_tokens_however_the_batch_is_cut(tmp_path):
+    path = write_format(tmp_path / "data", "index v2 spans", np.random.default_rng(1))
+    once = "training.train_iters=1", "training.validation.interval=null", "training.test_iters=0"
+    runs = [run_train(tmp_path, path, *once, f"batch.micro_batch_size={micro}") for micro in (1, 4)]
+    (loss_1, loss_4), (norm_1, norm_4) = ([train_metrics(exp, key)[1] for exp in runs] for key in ("loss", "grad_norm"))
+    # By hand: the batch's labelled tokens, scored by the model as train.py initializes it.
+    config = train.load_config(str(tmp_path / "exp0.yaml"), ["data.sampling.use_loss_masking_spans=true"])
+    d = Data(config.data, 32, 64, seed=config.model.distributed.seed)
+    tokens, ignored = d.samples("train", 0, 4), torch.from_numpy(d.ignored("train", 0, 4))
+    assert 0 < ignored.sum() and len(set(ignored.sum(1).tolist())) > 1  # micro-batches of unequal labelled tokens
+    torch.manual_seed(config.model.distributed.seed)
+    with torch.device("meta"):
+        model = Llama(config.model.base_model, 32)
+    model.init_weights("cpu")
+    expected = model(tokens[:, :-1], torch.where(ignored, data.IGNORE_INDEX, tokens[:, 1:])).item()
+    assert loss_1 == pytest.approx(expected, rel=1e-5) and loss_4 == pytest.approx(expected, rel=1e-5)
+    assert norm_1 == pytest.approx(norm_4, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
 # prepare
 
 
@@ -662,3 +803,44 @@ def test_prepare_refuses_to_overwrite(demo, tmp_path):
     assert run_prepare(*args, "--overwrite").returncode == 0
     assert MemmapDataset(out / "shard_0").num_tokens > tokens
     assert sorted(p.name for p in out.iterdir()) == ["fast_llm_dataset.json", "shard_0.bin", "shard_0.idx", "tokenizer.json"]
+
+
+def test_prepare_fast_llm_format(demo, tmp_path):
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"Speech {i}: once more unto the breach."}) + "\n"
+                                               for i in range(5)))
+    args = ["prepare", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(demo / "tokenizer.json"),
+            "--workers", "1", "--shard-tokens", "30"]
+    data.main([*args, "--output", str(tmp_path / "fl"), "--format", "fast_llm"])
+    data.main([*args, "--output", str(tmp_path / "mm")])  # the default: .bin/.idx pairs and our JSON
+    names = sorted(p.name for p in (tmp_path / "fl").iterdir())
+    assert names == ["fast_llm_config.yaml", "shard_0.fast_llm_dataset", "shard_1.fast_llm_dataset",
+                     "shard_2.fast_llm_dataset", "tokenizer.json"]
+    spec = yaml.safe_load((tmp_path / "fl" / "fast_llm_config.yaml").read_text())
+    shards = [tmp_path / "fl" / d["path"] for d in spec["config"]["datasets"]]
+    assert spec.keys() == {"config", "metadata"} and spec["config"]["type"] == "blended"
+    # What Fast-LLM's reader does, by hand: the big-endian offset of the JSON config, which names only parts that
+    # every Fast-LLM with single files knows; each section between its markers, exactly as long as its config says.
+    docs, weights = [], []
+    for shard in shards:
+        raw = shard.read_bytes()
+        at = int.from_bytes(raw[25:33], "big")
+        size = int.from_bytes(raw[at : at + 4], "big")
+        config = json.loads(raw[at + 4 : at + 4 + size])
+        assert raw[:25] == b"fast_llm_prepared_dataset" and at + 4 + size == len(raw)
+        assert set(config) == {"type", "begin", "end", "tokens", "loss_masking_spans", "chosen_spans", "rejected_spans"}
+        tokens, n, t = config["tokens"], config["tokens"]["num_documents"], config["tokens"]["num_tokens"]
+        assert tokens["data_type"] == "int16" and config["loss_masking_spans"] == {"type": "none"}
+        for part, marker, inside in ((config, b"lm", tokens["end"] - tokens["begin"]),
+                                     (tokens, b"token", 2 * t + 8 * (n + 1))):
+            begin, end = part["begin"], part["end"]
+            assert raw[begin:end].startswith(marker + b" begin") and raw[begin:end].endswith(marker + b" end")
+            assert end - begin == len(marker) * 2 + 10 + inside
+        ids = np.frombuffer(raw, np.int16, t, tokens["begin"] + 11)
+        cumsum = np.frombuffer(raw, np.int64, n + 1, tokens["begin"] + 11 + 2 * t)
+        docs += [ids[a:b].tolist() for a, b in zip(cumsum[:-1], cumsum[1:])]
+        weights.append(t)
+    assert spec["config"]["weights"] == weights and spec["metadata"]["num_tokens"] == sum(weights)
+    ours = [MemmapDataset(tmp_path / "mm" / f"shard_{i}") for i in range(3)]
+    assert docs == [ds.document(i).tolist() for ds in ours for i in range(ds.num_documents)] and len(docs) == 5
+    d = Data(DataConfig(path=str(tmp_path / "fl" / "fast_llm_config.yaml"), split=[1, 0, 0]), 8, 4096, 0)
+    assert d.tokenizer_path == tmp_path / "fl" / "tokenizer.json" and d.samples("train", 0, 2).shape == (2, 9)
