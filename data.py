@@ -146,7 +146,7 @@ class MemmapDataset(_Tokens):
         pairs = [(prefix.with_suffix(".idx"), prefix.with_suffix(".bin")),
                  (Path(f"{prefix}.idx"), Path(f"{prefix}.bin"))]
         idx, bin_ = next((pair for pair in pairs if pair[0].is_file() and pair[1].is_file()), pairs[0])
-        self.prefix, self.name, self.files = prefix, str(prefix), (idx, bin_)
+        self.name, self.files = str(prefix), (idx, bin_)
         for path in (idx, bin_):
             if not path.is_file():
                 raise DataError(f"{path}: file not found. A memmap dataset is a pair PREFIX.bin + PREFIX.idx "
@@ -155,20 +155,17 @@ class MemmapDataset(_Tokens):
         idx_bytes, bin_bytes = idx.stat().st_size, bin_.stat().st_size
         with open(idx, "rb") as f:
             head = f.read(HEADER.size + 2)
-        if len(head) < HEADER.size:
-            raise DataError(f"{idx}: {idx_bytes} bytes, shorter than the {HEADER.size}-byte header; the file is "
-                            f"truncated.")
         magic, version = head[:9], int.from_bytes(head[9:17], "little")
+        # Versions 2 and 3 add one flag byte each before the dtype code: loss-masking spans, preference spans.
+        start = HEADER.size + version - 1 if version in (1, 2, 3) else HEADER.size  # the header's size
+        if len(head) < start:
+            raise DataError(f"{idx}: {idx_bytes} bytes, shorter than the {start}-byte header; the file is truncated.")
         if magic != MAGIC:
             raise DataError(f"{idx}: starts with {magic!r}, not the memmap magic {MAGIC!r}; not a Megatron/Fast-LLM "
                             f"index.")
         if version not in (1, 2, 3):
             raise DataError(f"{idx}: index version {version}; versions 1 (Megatron) to 3 (Fast-LLM) are read "
                             f"(docs/formats.md).")
-        # Versions 2 and 3 add one flag byte each before the dtype code: loss-masking spans, preference spans.
-        start = HEADER.size + version - 1  # the header's size
-        if len(head) < start:
-            raise DataError(f"{idx}: {idx_bytes} bytes, shorter than the {start}-byte header of version {version}.")
         has_spans, has_preference = head[17] if version >= 2 else 0, head[18] if version >= 3 else 0
         code, n, index_length = struct.unpack_from("<BQQ", head, start - 17)
         if code in FLOAT_CODES:
@@ -243,15 +240,12 @@ class FileDataset(_Tokens):
     arrays are views at byte offsets of one memory map; nothing is read whole. Image patches are refused."""
 
     def __init__(self, path: Path):
-        self.name, self.files, size = str(path), (path,), path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(len(FILE_MAGIC) + 8)
-            at = int.from_bytes(head[len(FILE_MAGIC) :], "big")
-            f.seek(at)
-            length = int.from_bytes(f.read(4), "big")
-            blob = f.read(length) if at + 4 + length <= size else b""
-        if head[: len(FILE_MAGIC)] != FILE_MAGIC:
-            raise DataError(f"{path}: starts with {head[:25]!r}, not {FILE_MAGIC!r}; not a Fast-LLM dataset file.")
+        self.name, self.files = str(path), (path,)
+        self._raw = raw = np.memmap(path, np.uint8, "r") if path.stat().st_size else np.zeros(0, np.uint8)
+        if raw[: len(FILE_MAGIC)].tobytes() != FILE_MAGIC:
+            raise DataError(f"{path}: starts with {raw[:25].tobytes()!r}, not {FILE_MAGIC!r}; not a Fast-LLM dataset.")
+        at = int.from_bytes(raw[len(FILE_MAGIC) : len(FILE_MAGIC) + 8], "big")
+        blob = raw[at + 4 : at + 4 + int.from_bytes(raw[at : at + 4], "big")].tobytes()
         try:
             config = json.loads(blob)
         except (ValueError, UnicodeDecodeError):
@@ -262,34 +256,29 @@ class FileDataset(_Tokens):
                             f"truncated, corrupt, or of another kind ({kind or blob[:40]!r}).")
         if (config.get("image_patches") or {}).get("type", "none") != "none":
             raise DataError(f"{path}: holds image patches (a multimodal dataset); only text datasets are read.")
-        self._raw = np.memmap(path, np.uint8, "r")
         tokens = config.get("tokens") or {}
         name = str(tokens.get("data_type")).rsplit(".", 1)[-1]  # also "DataType.int16"
-        self.dtype = np.dtype(name) if name in ("uint8", "int8", "int16", "uint16", "int32", "int64") else None
-        if self.dtype is None:
-            raise DataError(f"{path}: token data type {tokens.get('data_type')!r}; token ids are integers "
-                            f"(uint8, int16, uint16, int32, int64).")
-        n, t = self._counts(tokens, "num_documents", "num_tokens")
+        if name not in ("uint8", "int8", "int16", "uint16", "int32", "int64"):
+            raise DataError(f"{path}: token data type {tokens.get('data_type')!r}; token ids are integers.")
+        self.dtype, (n, t) = np.dtype(name), self._counts(tokens, "num_documents", "num_tokens")
         at = self._section(tokens, b"token", t * self.dtype.itemsize + 8 * (n + 1))
-        self.tokens = np.frombuffer(self._raw, self.dtype, t, at)
-        self.cumsum = np.frombuffer(self._raw, np.int64, n + 1, at + t * self.dtype.itemsize)
+        self.tokens = np.frombuffer(raw, self.dtype, t, at)
+        self.cumsum = np.frombuffer(raw, np.int64, n + 1, at + t * self.dtype.itemsize)
         if n == 0 or t == 0:
-            raise DataError(f"{path}: the dataset has no {'tokens' if n else 'documents'}; remove it from the "
-                            f"dataset file.")
+            raise DataError(f"{path}: the dataset has no {'tokens' if n else 'documents'}; remove it.")
         if self.cumsum[0] != 0 or self.cumsum[-1] != t or (np.diff(self.cumsum) < 0).any():
-            raise DataError(f"{path}: the document sizes of its token section do not add up to its {t} tokens; "
-                            f"the file is corrupt.")
+            raise DataError(f"{path}: its document sizes do not add up to its {t} tokens; the file is corrupt.")
         self.num_documents, self.num_tokens = n, t
         spans = config.get("loss_masking_spans") or {}
         self.has_spans = spans.get("type") == "range"
-        if self.has_spans:
+        if self.has_spans:  # ranges [begin, end) int32[m, 2], then the cumulative count of each document's
             (m,) = self._counts(spans, "num_ranges")
             at = self._section(spans, b"range", 8 * m + 4 * (n + 1))
-            self._ranges = np.frombuffer(self._raw, np.int32, 2 * m, at).reshape(-1, 2)
-            self._range_counts = np.frombuffer(self._raw, np.int32, n + 1, at + 8 * m)  # cumulative, per document
+            self._ranges = np.frombuffer(raw, np.int32, 2 * m, at).reshape(-1, 2)
+            self._range_counts = np.frombuffer(raw, np.int32, n + 1, at + 8 * m)
             if self._range_counts[0] != 0 or self._range_counts[-1] != m or (np.diff(self._range_counts) < 0).any():
-                raise DataError(f"{path}: the span counts of its loss_masking_spans section do not add up to its {m} "
-                                f"spans; the file is corrupt.")
+                raise DataError(f"{path}: its span counts do not add up to its {m} loss-masking spans; the file is "
+                                f"corrupt.")
 
     def _counts(self, part: dict, *keys: str) -> list[int]:
         values = [part.get(key) for key in keys]
@@ -298,12 +287,11 @@ class FileDataset(_Tokens):
         return values
 
     def _section(self, part: dict, marker: bytes, size: int) -> int:
-        """Where a section's data starts, once its config offsets and markers are checked."""
-        begin, end, head, tail = part.get("begin"), part.get("end"), marker + b" begin", marker + b" end"
-        raw = self._raw
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin and end == begin + len(head) + size
-                + len(tail) <= len(raw) and raw[begin : begin + len(head)].tobytes() == head
-                and raw[end - len(tail) : end].tobytes() == tail):
+        """Where a section's data starts, once its offsets are checked against its size and markers."""
+        begin, end, raw = part.get("begin"), part.get("end"), self._raw
+        head, tail = marker + b" begin", marker + b" end"
+        if not (isinstance(begin, int) and 0 <= begin and end == begin + len(head) + size + len(tail) <= len(raw)
+                and raw[begin : begin + len(head)].tobytes() == head and raw[end - len(tail) : end].tobytes() == tail):
             raise DataError(f"{self.name}: its {marker.decode()} section (bytes {begin}..{end}) does not hold {size} "
                             f"bytes between {head!r} and {tail!r}; the file is truncated or corrupt.")
         return begin + len(head)
@@ -446,29 +434,29 @@ def _resolve(spec, file: Path, where: str, depth: int) -> list[tuple[_Tokens, fl
             parts = _resolve(inner, file, f"{where}.datasets[{i}]", depth)
             blend += [(dataset, weight * w / sum(w for _, w in parts)) for dataset, w in parts]
         return blend
-    if kind in ("slice", "concatenated"):
-        inner = [("dataset", spec.get("dataset"))] if kind == "slice" else [
-            (f"datasets[{i}]", item) for i, item in enumerate(spec.get("datasets") or [])]
-        pieces = []
-        for key, item in inner:
-            parts = _resolve(item, file, f"{where}.{key}", depth)
-            if len(parts) != 1:
-                raise DataError(f"{file}, {where}.{key}: a blend inside a {kind}; Fast-LLM's {kind} takes datasets of "
-                                f"documents (memmap, slice, concatenated, or a file of one).")
-            pieces.append((parts[0][0], 0, parts[0][0].num_documents))
-        if not pieces:
-            raise DataError(f'{here}: a concatenation needs a non-empty "datasets" list.')
-        if kind == "concatenated":
-            return [(Concatenation(pieces, here), 1.0)]
+    if kind == "concatenated" and isinstance(spec.get("datasets"), list) and spec["datasets"]:
+        datasets = [_one(inner, file, f"{where}.datasets[{i}]", depth) for i, inner in enumerate(spec["datasets"])]
+        return [(Concatenation([(d, 0, d.num_documents) for d in datasets], here), 1.0)]
+    if kind == "slice":
+        dataset = _one(spec.get("dataset"), file, f"{where}.dataset", depth)
         begin, end = spec.get("begin", 0), spec.get("end", 1)
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (begin, end)) or not (
                 0 <= begin <= end <= 1):
             raise DataError(f"{here}: slice from {begin!r} to {end!r}; begin and end are fractions of the documents, "
                             f"0 <= begin <= end <= 1.")
-        n = pieces[0][2]  # Fast-LLM rounds the fractions to whole documents the same way
-        return [(Concatenation([(pieces[0][0], round(begin * n), round(end * n))], here), 1.0)]
-    raise DataError(f"{here}: dataset type {kind!r}; the types read are memmap, blended, slice, concatenated and file "
-                    f"(Fast-LLM's datasets of tokens).")
+        n = dataset.num_documents  # Fast-LLM rounds the fractions to whole documents the same way
+        return [(Concatenation([(dataset, round(begin * n), round(end * n))], here), 1.0)]
+    raise DataError(f"{here}: dataset type {kind!r}; the types read are memmap, blended, slice, concatenated (of a "
+                    f"non-empty list) and file, Fast-LLM's datasets of tokens.")
+
+
+def _one(spec, file: Path, where: str, depth: int) -> _Tokens:
+    """The DATASET at `where` of `file`, which a slice or a concatenation takes: one of documents, not a blend."""
+    parts = _resolve(spec, file, where, depth)
+    if len(parts) != 1:
+        raise DataError(f"{file}, {where}: a blend, where Fast-LLM takes documents (memmap, slice, concatenated, or a "
+                        f"file of one).")
+    return parts[0][0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -723,13 +711,15 @@ class Loader:
         start, ahead, self._ahead = self.consumed_samples, self._ahead, None
         # The batch read ahead is used only if nobody moved consumed_samples since; result() re-raises.
         tokens, ignored = ahead[1].result() if ahead is not None and ahead[0] == start else self._read(start)
-        self.consumed_samples = start + self.batch_size
-        self._ahead = (self.consumed_samples, self._reader.submit(self._read, self.consumed_samples))
         tokens = tokens.to(self.device, non_blocking=True)
         labels = tokens[:, 1:]
         if ignored is not None:
             labels = labels.masked_fill(torch.from_numpy(ignored).to(self.device), IGNORE_INDEX)
-        return list(zip(tokens[:, :-1].split(self.micro_batch_size), labels.split(self.micro_batch_size)))
+        pairs = list(zip(tokens[:, :-1].split(self.micro_batch_size), labels.split(self.micro_batch_size)))
+        # The next read starts last: its thread holds the GIL for long stretches that this one would wait out.
+        self.consumed_samples = start + self.batch_size
+        self._ahead = (self.consumed_samples, self._reader.submit(self._read, self.consumed_samples))
+        return pairs
 
     def close(self):
         self._reader.shutdown(wait=True)

@@ -246,7 +246,7 @@ REFUSED = {  # how to make the bad file (in tmp_path, returning data.path and th
                      "config: dataset type 'gpt_memmap'; the types read are"),
     "blend in a slice": (lambda p: yaml_file(p / "x.yaml", {"type": "slice", "dataset": {
         "type": "blended", "datasets": [{"type": "memmap", "path": "a"}] * 2, "weights": [1, 1]}}),
-        "(top level).dataset: a blend inside a slice"),
+        "(top level).dataset: a blend, where Fast-LLM takes documents"),
     "weights": (lambda p: yaml_file(p / "x.yaml", {"type": "blended", "datasets": [{"type": "memmap", "path": "a"}],
                                                    "weights": [1, 2]}), "a blend needs"),
     "slice range": (lambda p: yaml_file(p / "x.yaml", {"type": "slice", "begin": 0.5, "end": 0.2,
