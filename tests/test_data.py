@@ -62,7 +62,8 @@ def test_round_trip_every_dtype(tmp_path, code):
 
 
 def write_by_hand(prefix: Path, docs: list[list[int]], code: int, fmt: str, order: list[int] | None = None,
-                  gap: int = 0, version: int = 1, spans=None, preference=None, flags=None, index_length=None, tail=b""):
+                  gap: int = 0, version: int = 1, spans=None, preference=None, flags=None, index_length=None,
+                  tail=b""):
     """The .idx/.bin layout of docs/formats.md with struct, not our writer: documents stored in `order` in .bin,
     `gap` junk bytes before each, so only the .idx pointers find them. Version 2 adds each document's loss-masking
     `spans` [(begin, last), ...], version 3 its `preference` spans ((chosen begin, last), (rejected begin, last));
@@ -130,8 +131,8 @@ def fast_llm_by_hand(path: Path, docs=DOCS, fmt="h", data_type="int16", ranges: 
 
     sizes = np.cumsum([0] + [len(d) for d in docs]).tolist()
     lm = {"type": "language_model", "begin": 33}
-    lm["tokens"] = section(b"token", struct.pack(f"<{sizes[-1]}{fmt}", *sum(docs, [])) + struct.pack(f"<{n + 1}q", *sizes),
-                           type="token", num_documents=n, num_tokens=sizes[-1], data_type=data_type)
+    payload = struct.pack(f"<{sizes[-1]}{fmt}", *sum(docs, [])) + struct.pack(f"<{n + 1}q", *sizes)
+    lm["tokens"] = section(b"token", payload, type="token", num_documents=n, num_tokens=sizes[-1], data_type=data_type)
     for name, spans in (ranges or {}).items():
         counts = np.cumsum([0] + [len(s) for s in spans]).tolist()
         flat = [x for doc in spans for span in doc for x in span]
@@ -173,7 +174,8 @@ def test_index_versions_read_back(tmp_path, case):
 
 @pytest.mark.parametrize("spans", [False, True])
 def test_single_file_reads_back_through_byte_offsets(tmp_path, spans):
-    ranges = dict(loss_masking_spans=SPANS, chosen_spans=[[(0, 1)]] * 10, rejected_spans=[[(1, 2)]] * 10) if spans else {}
+    ranges = dict(loss_masking_spans=SPANS, chosen_spans=[[(0, 1)]] * 10, rejected_spans=[[(1, 2)]] * 10)
+    ranges = ranges if spans else {}
     ds = data.open_dataset(fast_llm_by_hand(tmp_path / "x.fast_llm_dataset", ranges=ranges))
     assert isinstance(ds, data.FileDataset) and [ds.document(i).tolist() for i in range(10)] == DOCS
     assert ds.has_spans == spans and (not spans or ds.spans().tolist() == expected_spans())
@@ -199,8 +201,9 @@ def test_fast_llm_dataset_config(tmp_path):
         {"type": "blended", "weights": [1, 1], "datasets": [
             {"type": "slice", "dataset": {"type": "memmap", "path": "a"}, "begin": 0.25, "end": 0.75},
             {"type": "file", "path": "sub/inner.yaml"}]},
-        {"type": "concatenated", "datasets": [{"type": "memmap", "path": "b.fast_llm_dataset"},
-                                              {"type": "slice", "dataset": {"type": "memmap", "path": "a"}, "end": 0.2}]},
+        {"type": "concatenated", "datasets": [
+            {"type": "memmap", "path": "b.fast_llm_dataset"},
+            {"type": "slice", "dataset": {"type": "memmap", "path": "a"}, "end": 0.2}]},
     ]}
     (tmp_path / "d.yaml").write_text(yaml.safe_dump(config))  # the bare DATASET, as before Fast-LLM 0.4
     (sliced, w1), (whole, w2), (concatenated, w3) = data.read_datasets(tmp_path / "d.yaml")
@@ -249,8 +252,8 @@ REFUSED = {  # how to make the bad file (in tmp_path, returning data.path and th
         "(top level).dataset: a blend, where Fast-LLM takes documents"),
     "weights": (lambda p: yaml_file(p / "x.yaml", {"type": "blended", "datasets": [{"type": "memmap", "path": "a"}],
                                                    "weights": [1, 2]}), "a blend needs"),
-    "slice range": (lambda p: yaml_file(p / "x.yaml", {"type": "slice", "begin": 0.5, "end": 0.2,
-                                                       "dataset": {"type": "memmap", "path": "a"}}), "slice from 0.5 to 0.2"),
+    "slice range": (lambda p: yaml_file(p / "x.yaml", {"type": "slice", "begin": 0.5, "end": 0.2, "dataset": {
+        "type": "memmap", "path": "a"}}), "slice from 0.5 to 0.2"),
     "no path": (lambda p: yaml_file(p / "x.yaml", {"type": "memmap"}), '(top level): no "path"'),
     "missing token files": (lambda p: yaml_file(p / "x.yaml", {"type": "memmap", "path": "x_gone"}),
                             "x_gone.idx: file not found"),
@@ -529,18 +532,23 @@ def docs_with_spans(rng, sizes: list[int], offset: int, vocab: int | None = None
     per document, some empty, some overlapping, some at a document's edges."""
     tokens = np.arange(sum(sizes)) + offset
     docs = [d.tolist() for d in np.split(tokens % vocab if vocab else tokens, np.cumsum(sizes)[:-1])]
-    spans = [[tuple(sorted(rng.integers(0, size + 1, 2).tolist())) for _ in range(rng.integers(0, 4))] for size in sizes]
+    spans = [[tuple(sorted(rng.integers(0, size + 1, 2).tolist())) for _ in range(rng.integers(0, 4))]
+             for size in sizes]
     return docs, spans
 
 
 def spanned_data(tmp_path: Path, use: bool = True, vocab: int | None = None, length: int = 16) -> tuple[Data, set]:
     """A blend of an index of version 2 and a single file, both with spans; returns Data and the masked tokens."""
     rng = np.random.default_rng(0)
-    (a, spans_a), (b, spans_b) = (docs_with_spans(rng, rng.integers(1, 40, 60).tolist(), o, vocab) for o in (0, 10_000))
+    (a, spans_a), (b, spans_b) = (docs_with_spans(rng, rng.integers(1, 40, 60).tolist(), o, vocab)
+                                  for o in (0, 10_000))
     write_by_hand(tmp_path / "a", a, code=4, fmt="i", version=2, spans=[[(s, e - 1) for s, e in d] for d in spans_a])
-    fast_llm_by_hand(tmp_path / "b.fast_llm_dataset", b, fmt="i", data_type="int32", ranges={"loss_masking_spans": spans_b})
-    path = write_json(tmp_path / "d.json", [{"prefix": "a", "weight": 1}, {"prefix": "b.fast_llm_dataset", "weight": 2}])
-    masked = {t for docs, spans in ((a, spans_a), (b, spans_b)) for doc, s in zip(docs, spans) for x, y in s for t in doc[x:y]}
+    fast_llm_by_hand(tmp_path / "b.fast_llm_dataset", b, fmt="i", data_type="int32",
+                     ranges={"loss_masking_spans": spans_b})
+    path = write_json(tmp_path / "d.json", [{"prefix": "a", "weight": 1},
+                                            {"prefix": "b.fast_llm_dataset", "weight": 2}])
+    masked = {t for docs, spans in ((a, spans_a), (b, spans_b)) for doc, s in zip(docs, spans)
+              for x, y in s for t in doc[x:y]}
     config = DataConfig(path=str(path), split=[8, 2, 0], sampling=SamplingConfig(use_loss_masking_spans=use))
     return Data(config, length, vocab or 20_000, seed=0), masked
 
@@ -559,7 +567,8 @@ def test_spans_become_ignored_labels_in_every_window(tmp_path):
     pairs, tokens = loader.next_batch(), d.samples("train", 0, 4)
     loader.close()
     labels = torch.where(torch.from_numpy(d.ignored("train", 0, 4)), data.IGNORE_INDEX, tokens[:, 1:])
-    assert torch.equal(torch.cat([x for x, _ in pairs]), tokens[:, :-1]) and torch.equal(torch.cat([y for _, y in pairs]), labels)
+    assert torch.equal(torch.cat([x for x, _ in pairs]), tokens[:, :-1])
+    assert torch.equal(torch.cat([y for _, y in pairs]), labels)
 
 
 def test_spans_unused_are_said_once_and_change_nothing(tmp_path):
@@ -616,8 +625,9 @@ def write_format(folder: Path, case: str, rng) -> Path:
     yaml_file(folder / "inner.yaml", {"type": "memmap", "path": "y"})
     return yaml_file(folder / "d.yaml", {"type": "blended", "weights": [2, 1], "datasets": [
         {"type": "slice", "dataset": {"type": "memmap", "path": "x.fast_llm_dataset"}, "end": 0.8},
-        {"type": "concatenated", "datasets": [{"type": "file", "path": "inner.yaml"},
-                                              {"type": "slice", "dataset": {"type": "memmap", "path": "y"}, "begin": 0.5}]}]})
+        {"type": "concatenated", "datasets": [
+            {"type": "file", "path": "inner.yaml"},
+            {"type": "slice", "dataset": {"type": "memmap", "path": "y"}, "begin": 0.5}]}]})
 
 
 def run_train(tmp_path: Path, path: Path, *overrides: str) -> Path:
@@ -633,16 +643,17 @@ def run_train(tmp_path: Path, path: Path, *overrides: str) -> Path:
 @pytest.mark.parametrize("case", ["index v2 spans", "index v3 spans and preference", "index Megatron multimodal",
                                   "single file", "Fast-LLM YAML"])
 def test_each_format_trains(tmp_path, case):
-    exp = run_train(tmp_path, write_format(tmp_path / "data", case, np.random.default_rng(0)), "training.train_iters=3")
-    loss = train_metrics(exp, "loss")
-    assert sorted(loss) == [1, 2, 3] and all(np.isfinite(list(loss.values()))) and list(train_metrics(exp, "val_loss")) == [3]
+    path = write_format(tmp_path / "data", case, np.random.default_rng(0))
+    loss = train_metrics(exp := run_train(tmp_path, path, "training.train_iters=3"), "loss")
+    assert sorted(loss) == [1, 2, 3] and all(np.isfinite(list(loss.values())))
+    assert list(train_metrics(exp, "val_loss")) == [3]
 
 
 def test_step_loss_is_the_mean_over_labelled_tokens_however_the_batch_is_cut(tmp_path):
     path = write_format(tmp_path / "data", "index v2 spans", np.random.default_rng(1))
     once = "training.train_iters=1", "training.validation.interval=null", "training.test_iters=0"
     runs = [run_train(tmp_path, path, *once, f"batch.micro_batch_size={micro}") for micro in (1, 4)]
-    (loss_1, loss_4), (norm_1, norm_4) = ([train_metrics(exp, key)[1] for exp in runs] for key in ("loss", "grad_norm"))
+    (loss_1, loss_4), (norm_1, norm_4) = ([train_metrics(e, key)[1] for e in runs] for key in ("loss", "grad_norm"))
     # By hand: the batch's labelled tokens, scored by the model as train.py initializes it.
     config = train.load_config(str(tmp_path / "exp0.yaml"), ["data.sampling.use_loss_masking_spans=true"])
     d = Data(config.data, 32, 64, seed=config.model.distributed.seed)
@@ -827,7 +838,8 @@ def test_prepare_fast_llm_format(demo, tmp_path):
         size = int.from_bytes(raw[at : at + 4], "big")
         config = json.loads(raw[at + 4 : at + 4 + size])
         assert raw[:25] == b"fast_llm_prepared_dataset" and at + 4 + size == len(raw)
-        assert set(config) == {"type", "begin", "end", "tokens", "loss_masking_spans", "chosen_spans", "rejected_spans"}
+        assert set(config) == {"type", "begin", "end", "tokens", "loss_masking_spans", "chosen_spans",
+                               "rejected_spans"}
         tokens, n, t = config["tokens"], config["tokens"]["num_documents"], config["tokens"]["num_tokens"]
         assert tokens["data_type"] == "int16" and config["loss_masking_spans"] == {"type": "none"}
         for part, marker, inside in ((config, b"lm", tokens["end"] - tokens["begin"]),
