@@ -604,9 +604,9 @@ class Data:
                 rng = np.random.default_rng([self.seed, SPLITS.index(split), start + k])
                 buffer[k] = rng.integers(0, self.vocab_size, length)
             return out
-        parts = self._parts[split]
-        for k, (p, first) in enumerate(zip(*map(np.ndarray.tolist, self._windows(split, start, count)))):
-            buffer[k] = parts[p].dataset.read(first, length)
+        parts, (part, first) = self._parts[split], self._windows(split, start, count)
+        for k, (p, position) in enumerate(zip(part.tolist(), first.tolist())):
+            buffer[k] = parts[p].dataset.read(position, length)
         if count and (buffer.min() < 0 or buffer.max() >= self.vocab_size):
             raise DataError(f"data.path: {self.config.path}: {split} samples {start}..{start + count - 1} hold token "
                             f"{buffer.max() if buffer.max() >= self.vocab_size else buffer.min()}, outside the "
@@ -619,15 +619,16 @@ class Data:
         sequence_length) bool (label j of a sample is its token j + 1); None if the split has no such spans."""
         if self.config.format == "random" or all(part.spans is None for part in self._parts[split]):
             return None
-        length, parts = self.sequence_length, self._parts[split]
-        mask = np.zeros((count, length), bool)
-        for k, (p, first) in enumerate(zip(*map(np.ndarray.tolist, self._windows(split, start, count)))):
+        parts, (part, first) = self._parts[split], self._windows(split, start, count)
+        mask = np.zeros((count, self.sequence_length), bool)
+        for k, (p, label) in enumerate(zip(part.tolist(), (first + 1).tolist())):  # label 0's stream position
             if parts[p].spans is not None:
-                (spans, reach), first = parts[p].spans, first + 1  # the stream position of label 0
+                spans, reach = parts[p].spans
                 # Spans before `lo` end before label 0 (reach: the largest end so far), from `hi` on after the last.
-                lo, hi = np.searchsorted(reach, first, side="right"), np.searchsorted(spans[:, 0], first + length)
+                lo = np.searchsorted(reach, label, side="right")
+                hi = np.searchsorted(spans[:, 0], label + self.sequence_length)
                 for begin, end in spans[lo:hi].tolist():
-                    mask[k, max(begin - first, 0) : max(end - first, 0)] = True
+                    mask[k, max(begin - label, 0) : max(end - label, 0)] = True
         return mask
 
     def _windows(self, split: str, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
