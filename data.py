@@ -482,7 +482,7 @@ class DataConfig:
         split = self.split
         return [message for failed, message in [
             (self.format not in ("file", "random"),
-             f"data.format: {self.format!r} is not one of 'file' (a dataset file) or 'random'."),
+             f"data.format: {self.format!r} is not one of 'file' (a dataset JSON) or 'random'."),
             (self.format == "file" and self.path is None, "data.path: required when data.format is 'file'; give the "
              "dataset JSON that `python data.py prepare` wrote (e.g. data/demo/fast_llm_dataset.json) or a Fast-LLM "
              "dataset YAML."),
