@@ -178,7 +178,7 @@ class MemmapDataset(_Tokens):
         raw = np.memmap(idx, np.uint8, "r")
         at, preference = start + 12 * n, 16 * n * bool(has_preference)
         # Fast-LLM also writes the span counts (all 0) without setting the flag when no document has a span.
-        counted = has_spans or (version >= 2 and idx_bytes == at + 4 * n + preference + 8 * index_length)
+        counted = bool(has_spans) or (version >= 2 and idx_bytes == at + 4 * n + preference + 8 * index_length)
         counts = np.frombuffer(raw, np.int32, n, at) if counted and idx_bytes >= at + 4 * n else np.zeros(0, np.int32)
         spans_at = at + 4 * n * counted
         preference_at = spans_at + 8 * int(counts.sum(dtype=np.int64))
