@@ -1,17 +1,21 @@
-"""Token data for pretraining: the memmap format, dataset JSON, splits, blends, sampling, the loader,
-and the `prepare` command that turns text into that format.
+"""Token data for pretraining: the token file formats, dataset files, splits, blends, sampling, the loader,
+and the `prepare` command that turns text into tokens.
 
-A dataset is one or more memmap prefixes (docs/formats.md section 1) listed in a JSON with weights
-(section 2). `data.split` cuts every prefix into train / validation / test ranges of whole documents.
-Inside a split, a prefix's documents are read as one stream of tokens, and samples are windows of
+`data.path` names a dataset file: our JSON (token files with weights), or Fast-LLM's dataset config YAML
+(blends, slices and concatenations of token files, other YAMLs). Token files are PREFIX.idx + PREFIX.bin pairs
+(Megatron's index version 1, Fast-LLM's 2 and 3) or Fast-LLM's single NAME.fast_llm_dataset (docs/formats.md).
+`data.split` cuts every dataset into train / validation / test ranges of whole documents.
+Inside a split, a dataset's documents are read as one stream of tokens, and samples are windows of
 `sequence_length + 1` tokens with stride `sequence_length` (consecutive windows share one token, as
 in Megatron), so windows run across document boundaries. Each epoch of a split is a seeded shuffle:
-which prefix a sample comes from (in proportion to the weights) and which window of that prefix.
+which dataset a sample comes from (in proportion to the weights) and which window of that dataset.
 Everything is a function of (seed, config, sequence_length), so a sample index always gives the
-same tokens, and a loader's only state is how many samples it has consumed.
+same tokens, and a loader's only state is how many samples it has consumed. With
+`data.sampling.use_loss_masking_spans`, labels inside a dataset's loss-masking spans are left out of the loss.
 
     python data.py prepare --demo --output data/demo             # Shakespeare, BPE trained on it
     python data.py prepare --input corpus/ --tokenizer tokenizer.json --output data/mine
+    python data.py prepare --demo --output data/demo-fl --format fast_llm   # Fast-LLM's single files and YAML
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+import yaml
 
 
 class DataError(Exception):
@@ -45,31 +50,43 @@ class DataError(Exception):
 
 
 # --------------------------------------------------------------------------------------------------
-# The memmap format: PREFIX.bin holds the tokens, PREFIX.idx the sizes and byte pointers.
+# Token files. Every reader offers Data the same view of its documents, one stream of tokens in document
+# order: `cumsum[i]` (where document i starts), `read(start, length)`, `has_spans` and `spans()` (the
+# loss-masking spans as stream positions), `key()` (what identifies the files, for the sample-index cache).
 
 MAGIC = b"MMIDIDX\x00\x00"
-HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, documents n, document-index length
-DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16}
+HEADER = struct.Struct("<9sQBQQ")  # index version 1: magic, version, dtype code, documents n, document-index length
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+FLOAT_CODES = (6, 7)  # float32 and float64, numbered one way by Fast-LLM and the other by Megatron: never tokens
 CODES = {np.dtype(t): code for code, t in DTYPES.items()}
+FILE_MAGIC = b"fast_llm_prepared_dataset"  # a single file starts with it, then its config's offset (8 bytes)
+IGNORE_INDEX = -100  # a label the loss leaves out (kernels.IGNORE_INDEX, F.cross_entropy's default)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest dtype for token ids below vocab_size; int16 before uint16, as Fast-LLM writes."""
-    return next(np.dtype(t) for t in (np.uint8, np.int16, np.uint16, np.int32, np.int64) if vocab_size - 1 <= np.iinfo(t).max)
+    return next(np.dtype(t) for t in (np.uint8, np.int16, np.uint16, np.int32, np.int64)
+                if vocab_size - 1 <= np.iinfo(t).max)
+
+
+def _write_tokens(f, documents: Iterable[np.ndarray], dtype: np.dtype, where) -> np.ndarray:
+    """Append each document's tokens to f; returns their sizes."""
+    sizes = array.array("q")  # grows without a Python object per document
+    for doc in documents:
+        doc = np.asarray(doc)
+        if doc.size and (doc.min() < np.iinfo(dtype).min or doc.max() > np.iinfo(dtype).max):
+            raise ValueError(f"{where}: token {doc.max()} does not fit in {dtype}")  # astype would wrap it
+        f.write(doc.astype(dtype, copy=False).tobytes())
+        sizes.append(doc.size)
+    return np.array(sizes, np.int64)
 
 
 def write_dataset(prefix: str | Path, documents: Iterable[np.ndarray], dtype) -> tuple[int, int]:
-    """Write PREFIX.bin and PREFIX.idx from an iterable of token arrays; returns (documents, tokens)."""
-    prefix, dtype = Path(prefix), np.dtype(dtype)
-    sizes = array.array("q")  # grows without a Python object per document
+    """Write PREFIX.bin and PREFIX.idx (index version 1) from token arrays; returns (documents, tokens)."""
+    dtype = np.dtype(dtype)
     with open(f"{prefix}.bin", "wb") as f:
-        for doc in documents:
-            doc = np.asarray(doc)
-            if dtype.kind in "iu" and doc.size and (doc.min() < np.iinfo(dtype).min or doc.max() > np.iinfo(dtype).max):
-                raise ValueError(f"{prefix}.bin: token {doc.max()} does not fit in {dtype}")  # astype would wrap it
-            f.write(doc.astype(dtype, copy=False).tobytes())
-            sizes.append(doc.size)
-    sizes, n = np.array(sizes, np.int64), len(sizes)
+        sizes = _write_tokens(f, documents, dtype, f"{prefix}.bin")
+    n = len(sizes)
     pointers = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64) * dtype.itemsize
     with open(f"{prefix}.idx", "wb") as f:
         f.write(HEADER.pack(MAGIC, 1, CODES[dtype], n, n + 1) + sizes.astype(np.int32).tobytes()
@@ -77,45 +94,117 @@ def write_dataset(prefix: str | Path, documents: Iterable[np.ndarray], dtype) ->
     return n, int(sizes.sum())
 
 
-class MemmapDataset:
-    """One prefix, memory-mapped and validated on open. Tokens are addressed as one stream: the
-    documents in index order, concatenated (`read`), each found through its byte pointer."""
+def write_fast_llm_file(path: Path, documents: Iterable[np.ndarray], dtype) -> tuple[int, int]:
+    """Write NAME.fast_llm_dataset, Fast-LLM's single file: the tokens and the cumulative document sizes between
+    the markers its reader checks, then the JSON config that locates them; returns (documents, tokens)."""
+    dtype, lm = np.dtype(dtype), len(FILE_MAGIC) + 8  # the language-model section starts after the config's offset
+    with open(path, "wb") as f:
+        f.write(FILE_MAGIC + bytes(8) + b"lm begin" + b"token begin")  # the offset is filled in last
+        sizes = _write_tokens(f, documents, dtype, path)
+        f.write(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tobytes() + b"token end" + b"lm end")
+        end, n, t = f.tell(), len(sizes), int(sizes.sum())
+        tokens = dict(type="token", begin=lm + len(b"lm begin"), end=end - len(b"lm end"), num_documents=n,
+                      num_tokens=t, data_type=dtype.name)
+        # The parts every Fast-LLM with single files knows; the later ones (images, ...) are "none" when absent.
+        config = dict(type="language_model", begin=lm, end=end, tokens=tokens,
+                      **dict.fromkeys(("loss_masking_spans", "chosen_spans", "rejected_spans"), {"type": "none"}))
+        blob = json.dumps(config).encode()
+        f.write(len(blob).to_bytes(4, "big") + blob)
+        f.seek(len(FILE_MAGIC))
+        f.write(end.to_bytes(8, "big"))
+    return n, t
+
+
+def stream_spans(cumsum: np.ndarray, doc: np.ndarray, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Spans [begin, end) of documents `doc`, clipped to them, as [begin, end) positions in the stream of all
+    documents: (m, 2) int64, sorted by begin."""
+    size = cumsum[doc + 1] - cumsum[doc]
+    begin, end = np.clip(begin, 0, size), np.clip(end, 0, size)
+    spans = (np.stack([begin, end], 1) + cumsum[doc][:, None])[begin < end]
+    return spans[np.argsort(spans[:, 0], kind="stable")]
+
+
+class _Tokens:
+    """What all readers share: no spans unless they say so, document access, the cache key of their files."""
+    has_spans, files = False, ()
+
+    def document(self, i: int) -> np.ndarray:
+        return self.read(int(self.cumsum[i]), int(self.cumsum[i + 1] - self.cumsum[i]))
+
+    def key(self) -> list:
+        return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
+
+
+class MemmapDataset(_Tokens):
+    """PREFIX.idx + PREFIX.bin, memory-mapped and validated on open: index version 1 (Megatron's, and Fast-LLM's
+    until 2025-02), 2 (adds loss-masking spans) or 3 (adds preference spans). Documents are found through byte
+    pointers into .bin."""
 
     def __init__(self, prefix: str | Path):
-        self.prefix = Path(prefix)
-        idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        prefix = Path(prefix)
+        # Fast-LLM replaces the prefix's suffix (wiki.v1 names wiki.idx), Megatron appends one: the first pair found.
+        pairs = [(prefix.with_suffix(".idx"), prefix.with_suffix(".bin")),
+                 (Path(f"{prefix}.idx"), Path(f"{prefix}.bin"))]
+        idx, bin_ = next((pair for pair in pairs if pair[0].is_file() and pair[1].is_file()), pairs[0])
+        self.name, self.files = str(prefix), (idx, bin_)
         for path in (idx, bin_):
             if not path.is_file():
                 raise DataError(f"{path}: file not found. A memmap dataset is a pair PREFIX.bin + PREFIX.idx "
-                                f"(docs/formats.md section 1); check the prefix, which is relative to the dataset JSON's folder.")
+                                f"(docs/formats.md); check the prefix, which is relative to the dataset file's "
+                                f"folder.")
         idx_bytes, bin_bytes = idx.stat().st_size, bin_.stat().st_size
-        if idx_bytes < HEADER.size:
-            raise DataError(f"{idx}: {idx_bytes} bytes, shorter than the {HEADER.size}-byte header; the file is truncated.")
         with open(idx, "rb") as f:
-            magic, version, code, n, index_length = HEADER.unpack(f.read(HEADER.size))
+            head = f.read(HEADER.size + 2)
+        magic, version = head[:9], int.from_bytes(head[9:17], "little")
+        # Versions 2 and 3 add one flag byte each before the dtype code: loss-masking spans, preference spans.
+        start = HEADER.size + version - 1 if version in (1, 2, 3) else HEADER.size  # the header's size
+        if len(head) < start:
+            raise DataError(f"{idx}: {idx_bytes} bytes, shorter than the {start}-byte header; the file is truncated.")
         if magic != MAGIC:
-            raise DataError(f"{idx}: starts with {magic!r}, not the memmap magic {MAGIC!r}; not a Megatron/Fast-LLM index.")
-        if version != 1:
-            raise DataError(f"{idx}: format version {version}; only version 1 (docs/formats.md section 1) is read.")
+            raise DataError(f"{idx}: starts with {magic!r}, not the memmap magic {MAGIC!r}; not a Megatron/Fast-LLM "
+                            f"index.")
+        if version not in (1, 2, 3):
+            raise DataError(f"{idx}: index version {version}; versions 1 (Megatron) to 3 (Fast-LLM) are read "
+                            f"(docs/formats.md).")
+        has_spans, has_preference = head[17] if version >= 2 else 0, head[18] if version >= 3 else 0
+        code, n, index_length = struct.unpack_from("<BQQ", head, start - 17)
+        if code in FLOAT_CODES:
+            raise DataError(f"{idx}: dtype code {code} is a float type (float32 or float64: Fast-LLM and Megatron "
+                            f"number them differently); token ids are integers, so this is not a token dataset.")
         if code not in DTYPES:
-            raise DataError(f"{idx}: unknown dtype code {code}; the codes are {sorted(DTYPES)} (docs/formats.md section 1).")
-        expected = HEADER.size + 12 * n + 8 * index_length
-        if idx_bytes != expected:
-            raise DataError(f"{idx}: {idx_bytes} bytes, but its header ({n} documents, document index of "
-                            f"{index_length}) makes {expected}; the index is truncated or corrupt.")
-        if n == 0:
-            raise DataError(f"{idx}: the dataset has no documents; remove it from the dataset JSON.")
-        self.dtype = np.dtype(DTYPES[code])
+            raise DataError(f"{idx}: unknown dtype code {code}; the codes are {sorted(DTYPES)} (docs/formats.md).")
+        # After sizes int32[n] and pointers int64[n]: span counts int32[n] and spans int32[sum, 2], then chosen
+        # and rejected spans int32[n, 2] each, then the document index int64[index_length].
         raw = np.memmap(idx, np.uint8, "r")
-        self.sizes = raw[HEADER.size : HEADER.size + 4 * n].view(np.int32)
-        self.pointers = raw[HEADER.size + 4 * n : HEADER.size + 12 * n].view(np.int64)
+        at, preference = start + 12 * n, 16 * n * bool(has_preference)
+        # Fast-LLM also writes the span counts (all 0) without setting the flag when no document has a span.
+        counted = bool(has_spans) or (version >= 2 and idx_bytes == at + 4 * n + preference + 8 * index_length)
+        counts = np.frombuffer(raw, np.int32, n, at) if counted and idx_bytes >= at + 4 * n else np.zeros(0, np.int32)
+        spans_at = at + 4 * n * counted
+        preference_at = spans_at + 8 * int(counts.sum(dtype=np.int64))
+        expected = preference_at + preference + 8 * index_length
+        # Megatron's multimodal index appends one int8 mode per sequence (0: text).
+        modes = np.frombuffer(raw, np.int8, n, expected) if version == 1 and idx_bytes == expected + n else None
+        if (counts < 0).any() or not (idx_bytes == expected or modes is not None):
+            raise DataError(f"{idx}: {idx_bytes} bytes, but its header (version {version}, {n} documents, "
+                            f"{'loss-masking spans, ' * bool(has_spans)}{'preference spans, ' * bool(has_preference)}"
+                            f"document index of {index_length}) makes {expected}; the index is truncated or corrupt.")
+        if modes is not None and modes.any():
+            raise DataError(f"{idx}: a Megatron multimodal index: {np.count_nonzero(modes)} of its {n} sequences "
+                            f"are not text (mode {modes[modes != 0][0]}); only token sequences can be trained on.")
+        if n == 0:
+            raise DataError(f"{idx}: the dataset has no documents; remove it from the dataset file.")
+        self.dtype = np.dtype(DTYPES[code])
+        self.sizes = np.frombuffer(raw, np.int32, n, start)
+        self.pointers = np.frombuffer(raw, np.int64, n, start + 4 * n)
         item = self.dtype.itemsize
         ends = self.pointers + self.sizes.astype(np.int64) * item
         bad = (self.sizes < 0) | (self.pointers < 0) | (self.pointers % item != 0) | (ends > bin_bytes)
         if bad.any():
             i = int(np.argmax(bad))
-            raise DataError(f"{idx}: document {i} has {self.sizes[i]} tokens at byte {self.pointers[i]}, which does not "
-                            f"lie inside {bin_} ({bin_bytes} bytes of {self.dtype}); the .idx and .bin do not belong together.")
+            raise DataError(f"{idx}: document {i} has {self.sizes[i]} tokens at byte {self.pointers[i]}, which does "
+                            f"not lie inside {bin_} ({bin_bytes} bytes of {self.dtype}); the .idx and .bin do not "
+                            f"belong together.")
         self.num_documents = int(n)
         self.cumsum = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])  # stream offset of each document
         self.num_tokens = int(self.cumsum[-1])
@@ -124,10 +213,11 @@ class MemmapDataset:
         self.tokens = np.memmap(bin_, self.dtype, "r", shape=(bin_bytes // item,))
         # Every writer we know lays documents end to end in index order; then a window is one slice.
         self.contiguous = bool(np.array_equal(self.pointers[1:], ends[:-1]))
-
-    def document(self, i: int) -> np.ndarray:
-        start = int(self.pointers[i]) // self.dtype.itemsize
-        return self.tokens[start : start + int(self.sizes[i])]
+        self.has_spans = bool(has_spans)
+        self._spans = counts, np.frombuffer(raw, np.int32, (preference_at - spans_at) // 4, spans_at).reshape(-1, 2)
+        # Read, not used (they are for preference training): chosen and rejected [begin, last] of each document.
+        self.preference = (np.frombuffer(raw, np.int32, 4 * n, preference_at).reshape(2, n, 2)
+                           if has_preference else None)
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens start .. start+length-1 of the stream of all documents in order."""
@@ -138,33 +228,235 @@ class MemmapDataset:
         doc = np.searchsorted(self.cumsum, position, side="right") - 1
         return self.tokens[self.pointers[doc] // self.dtype.itemsize + position - self.cumsum[doc]]
 
+    def spans(self) -> np.ndarray:
+        counts, spans = self._spans
+        doc = np.repeat(np.arange(self.num_documents), counts)
+        return stream_spans(self.cumsum, doc, spans[:, 0], spans[:, 1].astype(np.int64) + 1)  # stored [begin, last]
 
-def read_dataset_json(path: Path) -> list[tuple[MemmapDataset, float]]:
-    """The datasets of a dataset JSON (docs/formats.md section 2) with their weights, each validated."""
+
+class FileDataset(_Tokens):
+    """NAME.fast_llm_dataset, Fast-LLM's single file since v0.4: sections between ASCII markers, located by a JSON
+    config at the end. The token section (tokens, then n + 1 cumulative sizes) starts at byte 41, unaligned, so
+    arrays are views at byte offsets of one memory map; nothing is read whole. Image patches are refused."""
+
+    def __init__(self, path: Path):
+        self.name, self.files = str(path), (path,)
+        self._raw = raw = np.memmap(path, np.uint8, "r") if path.stat().st_size else np.zeros(0, np.uint8)
+        if raw[: len(FILE_MAGIC)].tobytes() != FILE_MAGIC:
+            raise DataError(f"{path}: starts with {raw[:25].tobytes()!r}, not {FILE_MAGIC!r}; not a Fast-LLM dataset.")
+        at = int.from_bytes(raw[len(FILE_MAGIC) : len(FILE_MAGIC) + 8], "big")
+        blob = raw[at + 4 : at + 4 + int.from_bytes(raw[at : at + 4], "big")].tobytes()
+        try:
+            config = json.loads(blob)
+        except (ValueError, UnicodeDecodeError):
+            config = None
+        kind = config.get("type") if isinstance(config, dict) else None
+        if kind != "language_model":
+            raise DataError(f"{path}: no language-model config at byte {at}, where its header points; the file is "
+                            f"truncated, corrupt, or of another kind ({kind or blob[:40]!r}).")
+        if (config.get("image_patches") or {}).get("type", "none") != "none":
+            raise DataError(f"{path}: holds image patches (a multimodal dataset); only text datasets are read.")
+        tokens = config.get("tokens") or {}
+        name = str(tokens.get("data_type")).rsplit(".", 1)[-1]  # also "DataType.int16"
+        if name not in ("uint8", "int8", "int16", "uint16", "int32", "int64"):
+            raise DataError(f"{path}: token data type {tokens.get('data_type')!r}; token ids are integers.")
+        self.dtype, (n, t) = np.dtype(name), self._counts(tokens, "num_documents", "num_tokens")
+        at = self._section(tokens, b"token", t * self.dtype.itemsize + 8 * (n + 1))
+        self.tokens = np.frombuffer(raw, self.dtype, t, at)
+        self.cumsum = np.frombuffer(raw, np.int64, n + 1, at + t * self.dtype.itemsize)
+        if n == 0 or t == 0:
+            raise DataError(f"{path}: the dataset has no {'tokens' if n else 'documents'}; remove it.")
+        if self.cumsum[0] != 0 or self.cumsum[-1] != t or (np.diff(self.cumsum) < 0).any():
+            raise DataError(f"{path}: its document sizes do not add up to its {t} tokens; the file is corrupt.")
+        self.num_documents, self.num_tokens = n, t
+        spans = config.get("loss_masking_spans") or {}
+        self.has_spans = spans.get("type") == "range"
+        if self.has_spans:  # ranges [begin, end) int32[m, 2], then the cumulative count of each document's
+            (m,) = self._counts(spans, "num_ranges")
+            at = self._section(spans, b"range", 8 * m + 4 * (n + 1))
+            self._ranges = np.frombuffer(raw, np.int32, 2 * m, at).reshape(-1, 2)
+            self._range_counts = np.frombuffer(raw, np.int32, n + 1, at + 8 * m)
+            if self._range_counts[0] != 0 or self._range_counts[-1] != m or (np.diff(self._range_counts) < 0).any():
+                raise DataError(f"{path}: its span counts do not add up to its {m} loss-masking spans; the file is "
+                                f"corrupt.")
+
+    def _counts(self, part: dict, *keys: str) -> list[int]:
+        values = [part.get(key) for key in keys]
+        if not all(isinstance(v, int) and v >= 0 for v in values):
+            raise DataError(f"{self.name}: its config gives {dict(zip(keys, values))}; expected counts.")
+        return values
+
+    def _section(self, part: dict, marker: bytes, size: int) -> int:
+        """Where a section's data starts, once its offsets are checked against its size and markers."""
+        begin, end, raw = part.get("begin"), part.get("end"), self._raw
+        head, tail = marker + b" begin", marker + b" end"
+        if not (isinstance(begin, int) and 0 <= begin and end == begin + len(head) + size + len(tail) <= len(raw)
+                and raw[begin : begin + len(head)].tobytes() == head and raw[end - len(tail) : end].tobytes() == tail):
+            raise DataError(f"{self.name}: its {marker.decode()} section (bytes {begin}..{end}) does not hold {size} "
+                            f"bytes between {head!r} and {tail!r}; the file is truncated or corrupt.")
+        return begin + len(head)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        return self.tokens[start : start + length]
+
+    def spans(self) -> np.ndarray:
+        doc = np.repeat(np.arange(self.num_documents), np.diff(self._range_counts))
+        return stream_spans(self.cumsum, doc, self._ranges[:, 0], self._ranges[:, 1])  # stored [begin, end)
+
+
+class Concatenation(_Tokens):
+    """Documents first..last-1 of one or more datasets, one after another, as one stream: Fast-LLM's `slice` and
+    `concatenated`. Pieces that are concatenations are opened up, so a read goes straight to the files."""
+
+    def __init__(self, pieces: list[tuple[_Tokens, int, int]], name: str):
+        self.name, self.pieces = name, []
+        for dataset, first, last in pieces:
+            seen = 0  # documents of `dataset` before its current piece
+            inside = dataset.pieces if isinstance(dataset, Concatenation) else [(dataset, 0, dataset.num_documents)]
+            for inner, a, b in inside:
+                lo, hi = a + max(first - seen, 0), min(b, a + last - seen)
+                self.pieces += [(inner, lo, hi)] if lo < hi else []
+                seen += b - a
+        sizes = [int(d.cumsum[b] - d.cumsum[a]) for d, a, b in self.pieces]
+        self.starts = np.cumsum([0] + sizes)  # where each piece starts in the stream
+        self.cumsum = np.concatenate([[0], *(d.cumsum[a + 1 : b + 1] - d.cumsum[a] + s
+                                             for (d, a, b), s in zip(self.pieces, self.starts.tolist()))])
+        self.num_documents, self.num_tokens = len(self.cumsum) - 1, int(self.cumsum[-1])
+        self.has_spans = any(d.has_spans for d, _, _ in self.pieces)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        out, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while length > 0:
+            (d, a, _), count = self.pieces[i], min(length, int(self.starts[i + 1]) - start)
+            out.append(d.read(int(d.cumsum[a]) + start - int(self.starts[i]), count))
+            start, length, i = start + count, length - count, i + 1
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def spans(self) -> np.ndarray:
+        out = [np.zeros((0, 2), np.int64)]
+        for (d, a, b), s in zip(self.pieces, self.starts.tolist()):
+            if d.has_spans:  # spans never cross documents, so those of documents a..b-1 lie whole inside
+                lo, hi, spans = d.cumsum[a], d.cumsum[b], d.spans()
+                out.append(spans[(spans[:, 0] >= lo) & (spans[:, 1] <= hi)] - lo + s)
+        return np.concatenate(out)
+
+    def key(self) -> list:
+        return [[d.key(), a, b] for d, a, b in self.pieces]
+
+
+def open_dataset(path: Path) -> _Tokens:
+    """A token-file path as Fast-LLM's `memmap` reads it: a single file, or else a prefix of a .idx/.bin pair."""
+    return FileDataset(path) if path.is_file() and path.suffix not in (".idx", ".bin") else MemmapDataset(path)
+
+
+def _positive(weight) -> bool:
+    return not isinstance(weight, bool) and isinstance(weight, (int, float)) and 0 < weight < float("inf")
+
+
+def read_datasets(path: Path) -> list[tuple[_Tokens, float]]:
+    """The datasets of data.path, validated, with their blend weights: a dataset JSON or Fast-LLM's YAML."""
     if not path.is_file():
-        raise DataError(f"data.path: {path} not found; `python data.py prepare --output DIR` writes DIR/fast_llm_dataset.json.")
+        raise DataError(f"data.path: {path} not found; `python data.py prepare --output DIR` writes "
+                        f"DIR/{DATASET_JSON} (or DIR/{DATASET_YAML} with --format fast_llm).")
+    return read_dataset_config(path) if path.suffix in (".yaml", ".yml") else read_dataset_json(path)
+
+
+def read_dataset_json(path: Path) -> list[tuple[_Tokens, float]]:
+    """Our dataset JSON: {"datasets": [{"prefix", "weight", "num_documents", "num_tokens"}, ...]}."""
     try:
         spec = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"data.path: {path} is not valid JSON ({e}).") from None
+        raise DataError(f"data.path: {path} is not valid JSON ({e}); a Fast-LLM dataset YAML ends in .yaml.") from None
     entries = spec.get("datasets") if isinstance(spec, dict) else None
     if not isinstance(entries, list) or not entries:
-        raise DataError(f'data.path: {path} has no "datasets" list; expected {{"datasets": [{{"prefix": ..., "weight": ...}}, ...]}}.')
+        raise DataError(f'data.path: {path} has no "datasets" list; expected {{"datasets": [{{"prefix": ..., '
+                        f'"weight": ...}}, ...]}}.')
     datasets = []
     for i, entry in enumerate(entries):
         where = f"{path}, datasets[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("prefix"), str):
-            raise DataError(f'{where}: no "prefix"; each dataset needs "prefix" (its files minus .bin/.idx, relative to the JSON).')
+            raise DataError(f'{where}: no "prefix"; each dataset needs "prefix" (its files minus .bin/.idx, or a '
+                            f".fast_llm_dataset file, relative to the JSON).")
         weight = entry.get("weight", 1.0 if len(entries) == 1 else None)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
-            raise DataError(f'{where}: "weight" is {weight!r}; each dataset of a blend needs a positive number (its token share, say).')
-        dataset = MemmapDataset(path.parent / entry["prefix"])
+        if not _positive(weight):
+            raise DataError(f'{where}: "weight" is {weight!r}; each dataset of a blend needs a positive number '
+                            f"(its token share, say).")
+        dataset = open_dataset(path.parent / entry["prefix"])
         for key, actual in (("num_documents", dataset.num_documents), ("num_tokens", dataset.num_tokens)):
             if key in entry and entry[key] != actual:
-                raise DataError(f'{where}: "{key}" is {entry[key]} but {dataset.prefix}.idx holds {actual}; '
-                                f"the JSON does not describe these files (prepare them again, or fix the JSON).")
+                raise DataError(f'{where}: "{key}" is {entry[key]} but {dataset.name} holds {actual}; the JSON '
+                                f"does not describe these files (prepare them again, or fix the JSON).")
         datasets.append((dataset, float(weight)))
     return datasets
+
+
+REFUSED_TYPES = {"random": "random tokens; data.format: random gives those", "fim": "fill-in-the-middle",
+                 "streaming": "a Redis stream"}
+
+
+def read_dataset_config(path: Path, depth: int = 0) -> list[tuple[_Tokens, float]]:
+    """Fast-LLM's dataset config YAML, {config: DATASET, metadata: ...} since v0.4 and the bare DATASET before:
+    the token datasets it blends, with their weights. Paths inside are relative to the YAML's folder."""
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable file ({e}).") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise DataError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e}).") from None
+    wrapped = isinstance(spec, dict) and spec.keys() == {"config", "metadata"}
+    return _resolve(spec["config"] if wrapped else spec, path, "config" if wrapped else "(top level)", depth)
+
+
+def _resolve(spec, file: Path, where: str, depth: int) -> list[tuple[_Tokens, float]]:
+    """The DATASET at key `where` of `file`: [(dataset, weight), ...], a single one of weight 1 unless a blend."""
+    here, kind = f"{file}, {where}", spec.get("type") if isinstance(spec, dict) else None
+    if kind in REFUSED_TYPES:
+        raise DataError(f"{here}: dataset type {kind!r} ({REFUSED_TYPES[kind]}) is not read here; give token files "
+                        f"(type memmap) and blends, slices or concatenations of them.")
+    if kind in ("memmap", "file"):
+        if not isinstance(spec.get("path"), str):
+            raise DataError(f'{here}: no "path"; a {kind} dataset names its file, relative to {file.parent}.')
+        if kind == "memmap":
+            return [(open_dataset(file.parent / spec["path"]), 1.0)]
+        if depth >= 16:
+            raise DataError(f"{here}: dataset files nested over 16 deep; does {spec['path']} include itself?")
+        return read_dataset_config(file.parent / spec["path"], depth + 1)
+    if kind == "blended":
+        datasets, weights = spec.get("datasets"), spec.get("weights")
+        if not (isinstance(datasets, list) and isinstance(weights, list) and datasets and len(datasets) == len(weights)
+                and all(map(_positive, weights))):
+            raise DataError(f'{here}: a blend needs "datasets" and as many positive "weights" (token counts, say); '
+                            f"got {datasets!r:.80} and {weights!r:.80}.")
+        blend = []
+        for i, (inner, weight) in enumerate(zip(datasets, weights)):  # a blend of blends is one blend
+            parts = _resolve(inner, file, f"{where}.datasets[{i}]", depth)
+            blend += [(dataset, weight * w / sum(w for _, w in parts)) for dataset, w in parts]
+        return blend
+    if kind == "concatenated" and isinstance(spec.get("datasets"), list) and spec["datasets"]:
+        datasets = [_one(inner, file, f"{where}.datasets[{i}]", depth) for i, inner in enumerate(spec["datasets"])]
+        return [(Concatenation([(d, 0, d.num_documents) for d in datasets], here), 1.0)]
+    if kind == "slice":
+        dataset = _one(spec.get("dataset"), file, f"{where}.dataset", depth)
+        begin, end = spec.get("begin", 0), spec.get("end", 1)
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (begin, end)) or not (
+                0 <= begin <= end <= 1):
+            raise DataError(f"{here}: slice from {begin!r} to {end!r}; begin and end are fractions of the documents, "
+                            f"0 <= begin <= end <= 1.")
+        n = dataset.num_documents  # Fast-LLM rounds the fractions to whole documents the same way
+        return [(Concatenation([(dataset, round(begin * n), round(end * n))], here), 1.0)]
+    raise DataError(f"{here}: dataset type {kind!r}; the types read are memmap, blended, slice, concatenated (of a "
+                    f"non-empty list) and file, Fast-LLM's datasets of tokens.")
+
+
+def _one(spec, file: Path, where: str, depth: int) -> _Tokens:
+    """The DATASET at `where` of `file`, which a slice or a concatenation takes: one of documents, not a blend."""
+    parts = _resolve(spec, file, where, depth)
+    if len(parts) != 1:
+        raise DataError(f"{file}, {where}: a blend, where Fast-LLM takes documents (memmap, slice, concatenated, or a "
+                        f"file of one).")
+    return parts[0][0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,20 +466,29 @@ SPLITS = ("train", "validation", "test")
 
 
 @dataclass
+class SamplingConfig:
+    use_loss_masking_spans: bool = False  # leave labels inside a dataset's loss-masking spans out of the loss
+
+
+@dataclass
 class DataConfig:
-    format: str = "file"  # "file": a dataset JSON (docs/formats.md); "random" (ours): random tokens, no files
-    path: str | None = None  # the dataset JSON (required for "file"); prefixes inside are relative to its folder
+    format: str = "file"  # "file": a dataset file (docs/formats.md); "random" (ours): random tokens, no files
+    path: str | None = None  # our dataset JSON or Fast-LLM's dataset YAML (for "file"); paths inside are relative
     split: list[float] = field(default_factory=lambda: [969, 30, 1])  # train / validation / test weights, normalized
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # what a sample holds besides its tokens
 
     def errors(self) -> list[str]:
         """What is wrong with these values (train.py reports them with the rest of the config)."""
         split = self.split
         return [message for failed, message in [
-            (self.format not in ("file", "random"), f"data.format: {self.format!r} is not one of 'file' (a dataset JSON) or 'random'."),
-            (self.format == "file" and self.path is None, "data.path: required when data.format is 'file'; give the dataset "
-             "JSON that `python data.py prepare` wrote (e.g. data/demo/fast_llm_dataset.json)."),
+            (self.format not in ("file", "random"),
+             f"data.format: {self.format!r} is not one of 'file' (a dataset JSON) or 'random'."),
+            (self.format == "file" and self.path is None, "data.path: required when data.format is 'file'; give the "
+             "dataset JSON that `python data.py prepare` wrote (e.g. data/demo/fast_llm_dataset.json) or a Fast-LLM "
+             "dataset YAML."),
             (len(split) != 3 or not all(0 <= w < float("inf") for w in split) or sum(split) <= 0,
-             f"data.split: {split} must be three non-negative weights (train, validation, test) with a positive sum, e.g. [969, 30, 1]."),
+             f"data.split: {split} must be three non-negative weights (train, validation, test) with a positive sum, "
+             f"e.g. [969, 30, 1]."),
         ] if failed]
 
 
@@ -229,10 +530,11 @@ def epoch_index(windows: np.ndarray, weights: np.ndarray, seed: int, split_id: i
 
 @dataclass
 class _Part:  # one dataset's share of one split
-    dataset: MemmapDataset
+    dataset: _Tokens
     start: int  # first token of the split in the dataset's stream
     windows: int  # windows of sequence_length + 1 tokens that fit in the split's tokens
     weight: float  # the dataset's blend weight (normalized over the split's parts)
+    spans: tuple | None  # loss-masking spans in use: [begin, end) stream positions sorted by begin, max end so far
 
 
 class Data:
@@ -251,19 +553,30 @@ class Data:
         self.tokenizer_path: Path | None = None
         self._epochs: dict[str, tuple[int, np.ndarray]] = {}  # per split, the last epoch index used
         self._lock = threading.Lock()  # a prefetch thread and the main thread may both read
+        self.warnings: list[str] = []  # for the run's log: what the data holds that this run leaves unused
         if config.format == "random":
             return
         path = Path(config.path)
-        datasets = read_dataset_json(path)
+        datasets = read_datasets(path)
         self.tokenizer_path = path.parent / "tokenizer.json" if (path.parent / "tokenizer.json").is_file() else None
+        use_spans, spanned = config.sampling.use_loss_masking_spans, [d for d, _ in datasets if d.has_spans]
+        if spanned and not use_spans:
+            self.warnings.append(f"data.path: {len(spanned)} of the {len(datasets)} datasets of {path} have "
+                                 f"loss-masking spans ({spanned[0].name}, ...); they are ignored and every token is "
+                                 f"trained on; set data.sampling.use_loss_masking_spans: true to leave them out.")
+        if use_spans and not spanned:
+            self.warnings.append(f"data.sampling.use_loss_masking_spans: no dataset of {path} has loss-masking "
+                                 f"spans; every token is trained on.")
         self._parts: dict[str, list[_Part]] = {s: [] for s in SPLITS}
         for dataset, weight in datasets:
+            spans = dataset.spans() if use_spans and dataset.has_spans else None
+            spans = None if spans is None else (spans, np.maximum.accumulate(spans[:, 1]))
             edges = split_boundaries(dataset.num_documents, split)
             for s, name in enumerate(SPLITS):
                 start, end = dataset.cumsum[edges[s]], dataset.cumsum[edges[s + 1]]
                 windows = max(0, int(end - start - 1) // sequence_length)
                 if windows:  # a dataset with nothing in this split leaves that split's blend
-                    self._parts[name].append(_Part(dataset, int(start), windows, weight))
+                    self._parts[name].append(_Part(dataset, int(start), windows, weight, spans))
         if not self._parts["train"]:
             raise DataError(f"data.path: {path}: the train split ({split[0]} of {split}) holds no window of "
                             f"{sequence_length + 1} tokens in any dataset; use more data, a larger train "
@@ -283,34 +596,56 @@ class Data:
     def samples(self, split: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Samples start .. start+count-1 of the split's endless stream, (count, sequence_length+1) int64.
         `out`, if given, receives them (the loader passes pinned memory)."""
-        n = self.num_samples(split)
-        if n == 0:
-            raise DataError(f"data.split: the {split} split of {self.config.path} is empty (split {self.config.split}); "
-                            f"give it a larger weight, or turn off what reads it.")
         length = self.sequence_length + 1
         out = torch.empty((count, length), dtype=torch.int64) if out is None else out
         buffer = out.numpy()
-        split_id = SPLITS.index(split)
         if self.config.format == "random":
             for k in range(count):
-                rng = np.random.default_rng([self.seed, split_id, start + k])
+                rng = np.random.default_rng([self.seed, SPLITS.index(split), start + k])
                 buffer[k] = rng.integers(0, self.vocab_size, length)
             return out
-        sample = np.arange(start, start + count)
-        epoch, within = np.divmod(sample, n)
+        parts, (part, first) = self._parts[split], self._windows(split, start, count)
+        for k, (p, position) in enumerate(zip(part.tolist(), first.tolist())):
+            buffer[k] = parts[p].dataset.read(position, length)
+        if count and (buffer.min() < 0 or buffer.max() >= self.vocab_size):
+            raise DataError(f"data.path: {self.config.path}: {split} samples {start}..{start + count - 1} hold token "
+                            f"{buffer.max() if buffer.max() >= self.vocab_size else buffer.min()}, outside the "
+                            f"model's vocabulary 0..{self.vocab_size - 1}; set model.base_model.vocab_size to the "
+                            f"tokenizer's size.")
+        return out
+
+    def ignored(self, split: str, start: int, count: int) -> np.ndarray | None:
+        """Which labels of samples start .. start+count-1 lie in loss-masking spans in use, (count,
+        sequence_length) bool (label j of a sample is its token j + 1); None if the split has no such spans."""
+        if self.config.format == "random" or all(part.spans is None for part in self._parts[split]):
+            return None
+        parts, (part, first) = self._parts[split], self._windows(split, start, count)
+        mask = np.zeros((count, self.sequence_length), bool)
+        for k, (p, label) in enumerate(zip(part.tolist(), (first + 1).tolist())):  # label 0's stream position
+            if parts[p].spans is not None:
+                spans, reach = parts[p].spans
+                # Spans before `lo` end before label 0 (reach: the largest end so far), from `hi` on after the last.
+                lo = np.searchsorted(reach, label, side="right")
+                hi = np.searchsorted(spans[:, 0], label + self.sequence_length)
+                for begin, end in spans[lo:hi].tolist():
+                    mask[k, max(begin - label, 0) : max(end - label, 0)] = True
+        return mask
+
+    def _windows(self, split: str, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """For samples start .. start+count-1: the part each is read from and its first token in that part's stream."""
+        n = self.num_samples(split)
+        if n == 0:
+            raise DataError(f"data.split: the {split} split of {self.config.path} is empty (split "
+                            f"{self.config.split}); give it a larger weight, or turn off what reads it.")
+        epoch, within = np.divmod(np.arange(start, start + count), n)
         window_id = np.empty(count, np.int64)
         for e in np.unique(epoch).tolist():
             window_id[epoch == e] = self._epoch_index(split, e)[within[epoch == e]]
         parts = self._parts[split]
         first = np.cumsum([0] + [part.windows for part in parts])
-        for k, (p, w) in enumerate(zip(np.searchsorted(first, window_id, side="right") - 1, window_id)):
-            part = parts[p]
-            buffer[k] = part.dataset.read(part.start + int(w - first[p]) * self.sequence_length, length)
-        if count and (buffer.min() < 0 or buffer.max() >= self.vocab_size):
-            raise DataError(f"data.path: {self.config.path}: {split} samples {start}..{start + count - 1} hold token "
-                            f"{buffer.max() if buffer.max() >= self.vocab_size else buffer.min()}, outside the model's "
-                            f"vocabulary 0..{self.vocab_size - 1}; set model.base_model.vocab_size to the tokenizer's size.")
-        return out
+        part = np.searchsorted(first, window_id, side="right") - 1
+        starts = np.array([p.start for p in parts], np.int64)
+        return part, starts[part] + (window_id - first[part]) * self.sequence_length
 
     def _epoch_index(self, split: str, epoch: int) -> np.ndarray:
         with self._lock:
@@ -332,12 +667,9 @@ class Data:
             self._epochs[split] = (epoch, index)
             return index
 
-    def _key(self, datasets: list[tuple[MemmapDataset, float]]) -> str:
+    def _key(self, datasets: list[tuple[_Tokens, float]]) -> str:
         """A hash of everything the sample index depends on; a changed file (size, mtime) gives a new key."""
-        files = []
-        for dataset, weight in datasets:
-            stats = [Path(f"{dataset.prefix}{ext}").stat() for ext in (".bin", ".idx")]
-            files.append([str(dataset.prefix.resolve()), weight, *[(s.st_size, s.st_mtime_ns) for s in stats]])
+        files = [[dataset.key(), weight] for dataset, weight in datasets]
         what = [1, files, list(map(float, self.config.split)), self.sequence_length, self.seed]  # 1: index version
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
@@ -352,7 +684,7 @@ class Loader:
     Global samples [consumed, consumed + batch_size) are cut into world_size contiguous equal parts; rank r
     reads part r, so ranks read disjoint samples and a resume on any number of ranks continues the same
     stream. The next batch is read on a thread while the current step runs; on CUDA it lands in pinned
-    memory and is copied without blocking."""
+    memory and is copied without blocking. Labels inside loss-masking spans in use are IGNORE_INDEX."""
 
     def __init__(self, data: Data, split: str, consumed_samples: int, batch_size: int, micro_batch_size: int,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
@@ -368,18 +700,27 @@ class Loader:
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"loader-{split}")
         self._ahead: tuple[int, concurrent.futures.Future] | None = None  # the next batch, being read
 
-    def _read(self, start: int) -> torch.Tensor:
+    def _read(self, start: int) -> tuple[torch.Tensor, np.ndarray | None]:
         out = torch.empty((self.per_rank, self.data.sequence_length + 1), dtype=torch.int64,
                           pin_memory=self.device.type == "cuda")
-        return self.data.samples(self.split, start + self.rank * self.per_rank, self.per_rank, out=out)
+        first = start + self.rank * self.per_rank
+        tokens = self.data.samples(self.split, first, self.per_rank, out=out)
+        return tokens, self.data.ignored(self.split, first, self.per_rank)
 
-    def next_batch(self) -> list[torch.Tensor]:
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the next global batch: (inputs, labels), labels the inputs' next tokens."""
         start, ahead, self._ahead = self.consumed_samples, self._ahead, None
         # The batch read ahead is used only if nobody moved consumed_samples since; result() re-raises.
-        batch = ahead[1].result() if ahead is not None and ahead[0] == start else self._read(start)
+        tokens, ignored = ahead[1].result() if ahead is not None and ahead[0] == start else self._read(start)
+        tokens = tokens.to(self.device, non_blocking=True)
+        labels = tokens[:, 1:]
+        if ignored is not None:
+            labels = labels.masked_fill(torch.from_numpy(ignored).to(self.device), IGNORE_INDEX)
+        pairs = list(zip(tokens[:, :-1].split(self.micro_batch_size), labels.split(self.micro_batch_size)))
+        # The next read starts last: its thread holds the GIL for long stretches that this one would wait out.
         self.consumed_samples = start + self.batch_size
         self._ahead = (self.consumed_samples, self._reader.submit(self._read, self.consumed_samples))
-        return list(batch.to(self.device, non_blocking=True).split(self.micro_batch_size))
+        return pairs
 
     def close(self):
         self._reader.shutdown(wait=True)
@@ -387,9 +728,10 @@ class Loader:
 
 
 # --------------------------------------------------------------------------------------------------
-# prepare: text -> tokenizer -> memmap shards + dataset JSON.
+# prepare: text -> tokenizer -> token shards + dataset file.
 
-DATASET_JSON = "fast_llm_dataset.json"
+DATASET_JSON, DATASET_YAML = "fast_llm_dataset.json", "fast_llm_config.yaml"  # --format megatron, fast_llm
+SHARDS = ("shard_*.bin", "shard_*.idx", "shard_*.fast_llm_dataset")
 
 
 def input_files(patterns: list[str]) -> list[Path]:
@@ -442,7 +784,8 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
         raise DataError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`).") from None
     table = pyarrow.parquet.ParquetFile(path)
     if text_field not in table.schema_arrow.names:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); name it with --text-field.")
+        raise DataError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); name it with "
+                        f"--text-field.")
     for batch in table.iter_batches(columns=[text_field]):
         yield from (text or "" for text in batch.column(0).to_pylist())
 
@@ -495,7 +838,8 @@ def _encode(texts: list[str]) -> list[np.ndarray]:
     return [np.array(_worker["bos"] + e.ids + _worker["eos"], np.int64) for e in encodings]
 
 
-def tokenize(documents: Iterator[str], tokenizer, bos: list[int], eos: list[int], workers: int) -> Iterator[np.ndarray]:
+def tokenize(documents: Iterator[str], tokenizer, bos: list[int], eos: list[int],
+             workers: int) -> Iterator[np.ndarray]:
     """Token arrays in document order, encoded in chunks by `workers` processes."""
     chunks = iter(lambda: list(itertools.islice(documents, 256)), [])
     if workers <= 1:
@@ -535,10 +879,12 @@ def _shard(first: np.ndarray, docs: Iterator[np.ndarray], limit: int) -> Iterato
 def prepare(args: argparse.Namespace):
     from tqdm import tqdm
 
-    output = Path(args.output)
-    existing = [p for p in [output / DATASET_JSON, *output.glob("shard_*.bin"), *output.glob("shard_*.idx")] if p.exists()]
+    output, fast_llm = Path(args.output), args.format == "fast_llm"
+    existing = [p for p in [output / DATASET_JSON, output / DATASET_YAML, *(p for g in SHARDS for p in output.glob(g))]
+                if p.exists()]
     if existing and not args.overwrite:
-        raise DataError(f"--output {output} already holds a dataset ({existing[0].name}); pass --overwrite to replace it.")
+        raise DataError(f"--output {output} already holds a dataset ({existing[0].name}); pass --overwrite to "
+                        f"replace it.")
     if args.demo == bool(args.input):
         raise DataError("give either --demo or --input FILES (plain text, JSON lines, Parquet).")
     for option, value, least in (("--vocab-size", args.vocab_size, 258), ("--shard-tokens", args.shard_tokens, 1),
@@ -555,7 +901,8 @@ def prepare(args: argparse.Namespace):
         try:
             tokenizer = Tokenizer.from_file(args.tokenizer)
         except Exception as e:  # tokenizers raises a bare Exception
-            raise DataError(f"--tokenizer {args.tokenizer}: does not load as a Hugging Face tokenizer.json ({e}).") from None
+            raise DataError(f"--tokenizer {args.tokenizer}: does not load as a Hugging Face tokenizer.json "
+                            f"({e}).") from None
     else:  # training reads every input: a bad file fails here, before anything is written
         tokenizer = train_tokenizer(read(), args.vocab_size, [args.bos_token, args.eos_token])
     bos, eos = [], []
@@ -568,7 +915,7 @@ def prepare(args: argparse.Namespace):
     dtype = token_dtype(vocab_size)
 
     # Shards go to a staging folder first, so an error or a crash leaves no dataset behind, and the
-    # JSON, written last by rename, never names a half-written shard.
+    # dataset file, written last by rename, never names a half-written shard.
     created, staging = not output.exists(), output / ".prepare-staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -581,8 +928,9 @@ def prepare(args: argparse.Namespace):
         with tqdm(unit=" docs", desc="prepare", disable=None) as bar:  # shown on a terminal only
             docs = _progress(tokenize(read(), tokenizer, bos, eos, args.workers), bar, start)
             while (first := next(docs, None)) is not None:
-                name = f"shard_{len(shards)}"
-                n, t = write_dataset(staging / name, _shard(first, docs, args.shard_tokens), dtype)
+                name = f"shard_{len(shards)}" + ".fast_llm_dataset" * fast_llm
+                write = write_fast_llm_file if fast_llm else write_dataset
+                n, t = write(staging / name, _shard(first, docs, args.shard_tokens), dtype)
                 shards.append({"prefix": name, "num_documents": n, "num_tokens": t})
         tokens = sum(entry["num_tokens"] for entry in shards)
         if tokens == 0:
@@ -590,39 +938,55 @@ def prepare(args: argparse.Namespace):
     except BaseException:
         shutil.rmtree(output if created else staging, ignore_errors=True)
         raise
-    for path in existing:  # --overwrite: the old JSON goes first, then its shards
+    for path in existing:  # --overwrite: the old dataset file goes first, then its shards
         path.unlink()
     for path in sorted(staging.iterdir()):
         os.replace(path, output / path.name)
     staging.rmdir()
-    for entry in shards:
-        entry["weight"] = entry["num_tokens"] / tokens  # token shares: the blend reads the corpus evenly
-    (output / f"{DATASET_JSON}.tmp").write_text(json.dumps({"datasets": shards}, indent=2) + "\n")
-    os.replace(output / f"{DATASET_JSON}.tmp", output / DATASET_JSON)
-    print(f"wrote {sum(s['num_documents'] for s in shards):,} documents, {tokens:,} tokens ({dtype}, vocabulary "
-          f"{vocab_size}) in {len(shards)} shard(s) to {output / DATASET_JSON} in {time.perf_counter() - start:.1f} s")
+    documents = sum(entry["num_documents"] for entry in shards)
+    if fast_llm:  # Fast-LLM's dataset config: one shard as it is, several blended by their tokens, as Fast-LLM does
+        memmaps = [{"type": "memmap", "path": entry["prefix"]} for entry in shards]
+        config = memmaps[0] if len(memmaps) == 1 else {
+            "type": "blended", "datasets": memmaps, "weights": [entry["num_tokens"] for entry in shards]}
+        metadata = {"num_tokens": tokens, "tokens": {"num_tokens": tokens, "num_documents": documents,
+                                                     "data_type": dtype.name}}
+        name, text = DATASET_YAML, yaml.safe_dump({"config": config, "metadata": metadata}, sort_keys=False)
+    else:
+        for entry in shards:
+            entry["weight"] = entry["num_tokens"] / tokens  # token shares: the blend reads the corpus evenly
+        name, text = DATASET_JSON, json.dumps({"datasets": shards}, indent=2) + "\n"
+    (output / f"{name}.tmp").write_text(text)
+    os.replace(output / f"{name}.tmp", output / name)
+    print(f"wrote {documents:,} documents, {tokens:,} tokens ({dtype}, vocabulary {vocab_size}) in {len(shards)} "
+          f"shard(s) to {output / name} in {time.perf_counter() - start:.1f} s")
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
-                                     epilog="The files it reads and writes: docs/formats.md.")
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
     p = parser.add_subparsers(dest="command", required=True).add_parser(
-        "prepare", help="tokenize text into a dataset (prepare --help: its options)",
-        description="Tokenize text into memmap shards, a dataset JSON and tokenizer.json in --output.",
-        epilog="The files it writes: docs/formats.md.")
-    p.add_argument("--output", required=True, help="folder to write (fast_llm_dataset.json, shard_*, tokenizer.json)")
-    p.add_argument("--demo", action="store_true", help="the built-in corpus: Shakespeare's plays (package `shakespeare`)")
+        "prepare", description="Tokenize text into token shards, a dataset file and tokenizer.json in --output.")
+    p.add_argument("--output", required=True, help="folder to write (the dataset file, shard_*, tokenizer.json)")
+    p.add_argument("--format", choices=("megatron", "fast_llm"), default="megatron",
+                   help="megatron: PREFIX.bin + PREFIX.idx shards (index version 1, which Megatron-LM and every "
+                   f"Fast-LLM read) and {DATASET_JSON}; fast_llm: Fast-LLM's single .fast_llm_dataset shards (its "
+                   f"format since v0.4) and {DATASET_YAML}; default: %(default)s")
+    p.add_argument("--demo", action="store_true",
+                   help="the built-in corpus: Shakespeare's plays (package `shakespeare`)")
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, folders or globs: *.jsonl/*.json JSON lines, "
                    "*.parquet Parquet (needs pyarrow), any other file plain text (one document)")
-    p.add_argument("--text-field", default="text", help="the text's field (JSON lines) or column (Parquet); default: %(default)s")
+    p.add_argument("--text-field", default="text",
+                   help="the text's field (JSON lines) or column (Parquet); default: %(default)s")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json; default: train a byte-level BPE on the input")
-    p.add_argument("--vocab-size", type=int, default=4096, help="size of the trained BPE, special tokens included; default: %(default)s")
+    p.add_argument("--vocab-size", type=int, default=4096,
+                   help="size of the trained BPE, special tokens included; default: %(default)s")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True, help="start each document with BOS")
     p.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True, help="end each document with EOS")
     p.add_argument("--bos-token", default="<|begin_of_text|>", help="the BOS token's name (default: Llama 3's)")
     p.add_argument("--eos-token", default="<|end_of_text|>", help="the EOS token's name (default: Llama 3's)")
-    p.add_argument("--shard-tokens", type=int, default=10**9, help="start a new shard after this many tokens; default: %(default)s")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=int, default=10**9,
+                   help="start a new shard after this many tokens; default: %(default)s")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="tokenizing processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     args = parser.parse_args(argv)
     try:

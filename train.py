@@ -33,7 +33,7 @@ import yaml
 from safetensors import safe_open
 
 import export
-from data import Data, DataConfig, DataError, Loader
+from data import IGNORE_INDEX, Data, DataConfig, DataError, Loader
 from model import BaseModelConfig, Llama, count_parameters, flops_per_token, fused_cross_entropy_problem
 from zero import ZeroAdamW
 
@@ -799,12 +799,15 @@ def profiled(active: bool):
 
 @torch.no_grad()
 def evaluate(model, loader: Loader, iterations: int, world: int, device) -> float:
-    total, count = torch.zeros((), device=device), 0
+    """The mean loss over all labelled tokens of the pass, on all ranks."""
+    sums = torch.zeros(2, device=device)  # the loss summed over labelled tokens, and their number
     for _ in range(iterations):
-        for tokens in loader.next_batch():
-            total += model(tokens[:, :-1], tokens[:, 1:])
-            count += 1
-    return all_reduce_mean(total / count, world)
+        for inputs, labels in loader.next_batch():
+            count = (labels != IGNORE_INDEX).sum()
+            sums += torch.stack([torch.where(count > 0, model(inputs, labels) * count, 0.0), count.float()])
+    if world > 1:
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 def experiment_dir_problem(exp: Path) -> str | None:
@@ -911,6 +914,8 @@ class Trainer:
                  **({"step": state.step, "resumed": True} if self.checkpoint else {}))
         if self.checkpoint:
             self.log_schedule_changes()
+        for warning in self.data.warnings:
+            self.log(f"warning: {warning}")
         if state.step >= t.train_iters:
             self.log(f"training already complete at step {state.step}")
         # The log interval's partial sums (restored on resume): loss over finite steps, those steps, all
@@ -974,16 +979,23 @@ class Trainer:
         gradients are finite on every rank, the AdamW update. Returns the global gradient norm before
         clipping, and why the step was skipped (None if it was not)."""
         micro_batches = self.loaders["train"].next_batch()
+        # The step's loss is the mean over its labelled tokens on all ranks, as Fast-LLM's (labels in a
+        # loss-masking span don't count): each micro-batch's mean weighs in by its share of them, which is
+        # 1 / (micro-batches x ranks) when no label is masked. A micro-batch with no label adds nothing.
+        counts = [(labels != IGNORE_INDEX).sum() for _, labels in micro_batches]
+        total = sum(counts)
+        if self.world > 1:
+            dist.all_reduce(total)
         self.optimizer.zero_grad()
         interval_loss = self.interval_loss.clone()  # becomes the interval's sum if the step is kept
-        for tokens in micro_batches:
-            loss = self.model(tokens[:, :-1], tokens[:, 1:])
-            # The loss-scaling contract. model() returns the mean loss over a micro-batch's tokens, and
-            # kernels.py's fused cross-entropy makes that mean's gradient, scaled by what backward passes
-            # in; zero.py then sums gradients over micro-batches and ranks. Dividing by their number
-            # here makes that sum the gradient of the mean loss over the whole global batch.
-            (loss / (len(micro_batches) * self.world)).backward()
-            interval_loss += loss.detach() / len(micro_batches)
+        for (inputs, labels), count in zip(micro_batches, counts):
+            # The loss-scaling contract: model() returns the mean loss over a micro-batch's labelled tokens,
+            # kernels.py's fused cross-entropy makes that mean's gradient, scaled by what backward passes in,
+            # and zero.py sums gradients over micro-batches and ranks. Weighting each micro-batch by its
+            # share of the step's labels makes that sum the gradient of the step's mean loss.
+            loss = torch.where(count > 0, self.model(inputs, labels) * count / total, 0.0)
+            loss.backward()
+            interval_loss += loss.detach() * self.world  # log_interval's all_reduce_mean divides by the ranks
         grad_norm = self.optimizer.reduce()
         # What every rank must agree on, in one all-reduce and one host synchronization a step: ranks
         # whose loss is not finite, ranks asked to stop; the gradient norm is already global.
