@@ -344,6 +344,11 @@ class Concatenation(_Tokens):
         return [[d.key(), a, b] for d, a, b in self.pieces]
 
 
+def _leaves(datasets: list[_Tokens]) -> list[_Tokens]:
+    """The datasets that hold token files, under any concatenations."""
+    return [leaf for d in datasets for leaf in (_leaves([p[0] for p in d.pieces]) if hasattr(d, "pieces") else [d])]
+
+
 def open_dataset(path: Path) -> _Tokens:
     """A token-file path as Fast-LLM's `memmap` reads it: a single file, or else a prefix of a .idx/.bin pair."""
     return FileDataset(path) if path.is_file() and path.suffix not in (".idx", ".bin") else MemmapDataset(path)
@@ -584,6 +589,40 @@ class Data:
         # The sample index of an epoch is built (or loaded from cache_dir) on first use, so that
         # constructing Data writes nothing: the caller may still reject the run.
         self._cache_key = self._key(datasets)
+        self._ranges = self._token_ranges(path, datasets)
+
+    def _token_ranges(self, path: Path, datasets) -> dict[str, list[int]]:
+        """Refuse tokens outside the model's vocabulary before anything is written: a tokenizer.json beside the
+        dataset file that is larger, or a token file whose smallest or largest token is out of range. A file
+        whose dtype can't hold vocab_size needs no look; another is scanned once and its range is cached."""
+        if self.tokenizer_path is not None:
+            tokenizer = json.loads(self.tokenizer_path.read_text())
+            vocab = (tokenizer.get("model") or {}).get("vocab") or {}
+            ids = [*(vocab.values() if isinstance(vocab, dict) else range(len(vocab))),
+                   *(t["id"] for t in tokenizer.get("added_tokens") or [])]
+            if ids and max(ids) >= self.vocab_size:
+                raise DataError(f"data.path: the tokenizer beside {path} ({self.tokenizer_path}) has {max(ids) + 1} "
+                                f"tokens, more than model.base_model.vocab_size {self.vocab_size}; set that to "
+                                f"{max(ids) + 1} or more.")
+        ranges = {}
+        for leaf in {id(d): d for d in _leaves([d for d, _ in datasets])}.values():
+            if leaf.dtype.kind == "u" and np.iinfo(leaf.dtype).max < self.vocab_size:
+                continue
+            key = hashlib.sha256(json.dumps(leaf.key()).encode()).hexdigest()[:16]
+            cached = self.cache_dir / f"tokens-{key}.json" if self.cache_dir else None
+            try:
+                low, high = json.loads(cached.read_text()) if cached else None
+            except (OSError, ValueError, TypeError):  # not scanned yet, or a damaged cache entry: scan
+                low = high = 0
+                for i in range(0, leaf.num_tokens, 2**24):  # in chunks: a scattered file's reads are copies
+                    chunk = leaf.read(i, min(2**24, leaf.num_tokens - i))
+                    low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
+                ranges[key] = [low, high]
+            if low < 0 or high >= self.vocab_size:
+                raise DataError(f"data.path: {leaf.name} holds token {high if high >= self.vocab_size else low}, "
+                                f"outside the model's vocabulary 0..{self.vocab_size - 1}; set "
+                                f"model.base_model.vocab_size to the tokenizer's size.")
+        return ranges  # scanned here; written into cache_dir with the first sample index
 
     def num_samples(self, split: str) -> int:
         """Samples in one epoch of the split; "random" data has no epochs and reports 2**62."""
@@ -654,18 +693,30 @@ class Data:
             windows = np.array([part.windows for part in self._parts[split]], np.int64)
             weights = np.array([part.weight for part in self._parts[split]])
             path = self.cache_dir / f"{self._cache_key}-{split}-{epoch}.npy" if self.cache_dir else None
-            # The key covers every input and files appear whole (rename), so a cached file is trusted.
-            index = np.load(path, mmap_mode="r") if path is not None and path.is_file() else None
-            if index is None:
+            # The key covers every input and files appear whole (rename); still, a cached index that is
+            # damaged (unreadable, or not the length the epoch needs) is built again.
+            try:
+                index = np.load(path, mmap_mode="r") if path is not None and path.is_file() else None
+            except (OSError, ValueError, EOFError):
+                index = None
+            if index is None or index.shape != (int(windows.sum()),) or index.dtype != np.int64:
                 index = epoch_index(windows, weights, self.seed, SPLITS.index(split), epoch)
-                if path is not None:  # temp + rename: a reader never sees half a file
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-                    with open(tmp, "wb") as f:
-                        np.save(f, index)
-                    os.replace(tmp, path)
+                if path is not None:
+                    self._cache_write(path, lambda f: np.save(f, index))
+            for key, token_range in self._ranges.items() if self.cache_dir else ():
+                text = json.dumps(token_range).encode()
+                self._cache_write(self.cache_dir / f"tokens-{key}.json", lambda f: f.write(text))
+            self._ranges = {}
             self._epochs[split] = (epoch, index)
             return index
+
+    def _cache_write(self, path: Path, write) -> None:
+        """Temp + rename: a reader never sees half a file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
 
     def _key(self, datasets: list[tuple[_Tokens, float]]) -> str:
         """A hash of everything the sample index depends on; a changed file (size, mtime) gives a new key."""

@@ -837,9 +837,14 @@ class Stop:
 
     def __init__(self):
         self.requested = None  # when the first signal came
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in self.previous:
             signal.siginterrupt(sig, False)  # a system call that the signal lands in restarts (gloo, NCCL threads)
+
+    def restore(self):
+        """Back to the handlers before: the process outlives the run (tests, or a caller of main())."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         if self.requested is not None and time.time() - self.requested > 0.5:
@@ -897,7 +902,6 @@ class Trainer:
 
     def train(self) -> None:
         t, b, exp, rank, state = self.config.training, self.config.batch, self.exp, self.rank, self.state
-        self.stop = Stop()
         # Nothing was written until here: every check in __init__ could fail without touching earlier work.
         check_shared(exp, rank, self.world)
         if rank == 0:
@@ -924,6 +928,7 @@ class Trainer:
         self.good, self.steps, self.seconds = state.interval[1:]
         self.started, self.last_log = time.time() - state.elapsed_s, (time.time(), state.step)
         profile_step = state.step + 3 if os.environ.get("LLAMA_PROFILE") and rank == 0 else None
+        self.stop = Stop()
         try:
             while state.step < t.train_iters and not self.stopping:
                 state.step += 1
@@ -956,6 +961,7 @@ class Trainer:
             self.log.tracker.alert("run failed", f"at step {state.step}: {e!r}")
             raise
         finally:
+            self.stop.restore()
             self.log.tracker.finish(f"{'stopped' if self.stopping else 'ended'} at step {state.step}")
             for loader in self.loaders.values():
                 loader.close()
@@ -1111,10 +1117,17 @@ def dry_run(config: Config, rank: int, world: int) -> None:
         model = Llama(config.model.base_model, config.batch.sequence_length)
     if config.pretrained is not None and config.pretrained.model_weights:
         export.load_llama_weights(model, config.pretrained.path)  # names and shapes only, from the headers
-    b = config.batch
+    b, d, m = config.batch, config.data, config.model
+    # The data too, where it is (a login node may not see it): its files, splits and tokens, reading the cache
+    # of an earlier run but writing none.
+    checked = d.format == "random" or Path(d.path).is_file()
+    if checked:
+        Data(d, b.sequence_length, m.base_model.vocab_size, m.distributed.seed,
+             Path(config.run.experiment_dir) / "cache")
     if rank == 0:
         print(f"parameters: {count_parameters(model)}\ntokens per step: {b.batch_size * b.sequence_length}\n"
-              f"accumulation steps: {b.batch_size // (b.micro_batch_size * world)}")
+              f"accumulation steps: {b.batch_size // (b.micro_batch_size * world)}"
+              + ("" if checked else f"\ndata: {d.path} not found here, not checked"))
 
 
 def main(argv: list[str]) -> int:

@@ -378,12 +378,42 @@ def test_empty_train_split_and_empty_splits(tmp_path):
         loader.next_batch()
 
 
-def test_tokens_outside_the_vocabulary(tmp_path):
+def test_tokens_outside_the_vocabulary_are_refused_before_anything_is_written(tmp_path):
     stream_dataset(tmp_path, [50, 50])
     path = write_json(tmp_path / "d.json", [{"prefix": "d", "weight": 1}])
-    d = Data(DataConfig(path=str(path), split=[1, 0, 0]), 9, 50, 0)
-    with pytest.raises(DataError, match="outside the model's vocabulary 0..49"):
-        d.samples("train", 0, d.num_samples("train"))
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="holds token 99, outside the model's vocabulary 0..49"):
+        Data(DataConfig(path=str(path), split=[1, 0, 0]), 9, 50, 0, cache)  # the file's range, scanned
+    assert not cache.exists()
+    d = Data(DataConfig(path=str(path), split=[1, 0, 0]), 9, 100, 0, cache)
+    d.samples("train", 0, 1)  # the first index written caches the scanned range beside it
+    assert [json.loads(p.read_text()) for p in cache.glob("tokens-*.json")] == [[0, 99]]
+    for p in cache.glob("tokens-*.json"):
+        p.write_text("[0, 200]")  # what the cache says is used, not scanned again
+    with pytest.raises(DataError, match="holds token 200"):
+        Data(DataConfig(path=str(path), split=[1, 0, 0]), 9, 100, 0, cache)
+    # a tokenizer.json beside the dataset file that is larger than the model's vocabulary
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {str(i): i for i in range(120)}}}))
+    with pytest.raises(DataError, match="has 120 tokens, more than model.base_model.vocab_size 100"):
+        Data(DataConfig(path=str(path), split=[1, 0, 0]), 9, 100, 0)
+    # a dtype that can't hold the vocabulary's size needs no scan (uint8 below 256)
+    write_by_hand(tmp_path / "small", [[1, 2, 3, 255]] * 4, code=1, fmt="B")
+    small = write_json(tmp_path / "s.json", [{"prefix": "small", "weight": 1}])
+    d = Data(DataConfig(path=str(small), split=[1, 0, 0]), 3, 300, 0, cache)
+    assert d._ranges == {}
+
+
+def test_a_damaged_cached_sample_index_is_built_again(tmp_path):
+    stream_dataset(tmp_path, [40, 40, 40])
+    path, cache = write_json(tmp_path / "d.json", [{"prefix": "d", "weight": 1}]), tmp_path / "cache"
+    config = DataConfig(path=str(path), split=[1, 0, 0])
+    expected = Data(config, 9, 1000, 0, cache).samples("train", 0, 8)
+    (index,) = cache.glob("*-train-0.npy")
+    for damage in (index.read_bytes()[:100], b"garbage", np.lib.format.header_data_from_array_1_0(np.zeros(3))):
+        index.write_bytes(damage if isinstance(damage, bytes) else b"")  # truncated, not an .npy, empty
+        assert torch.equal(Data(config, 9, 1000, 0, cache).samples("train", 0, 8), expected)
+    np.save(index, np.arange(3))  # a valid .npy of the wrong length
+    assert torch.equal(Data(config, 9, 1000, 0, cache).samples("train", 0, 8), expected)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -449,7 +479,8 @@ def test_deterministic_cached_and_keyed(tmp_path):
     reference = first.samples("train", 70, 150)
     n = first.num_samples("train")
     epochs = range(70 // n, (70 + 149) // n + 1)
-    assert len(epochs) > 1 and sorted(p.name.split("-", 1)[1] for p in cache.iterdir()) == [f"train-{e}.npy" for e in epochs]
+    indices = sorted(p.name.split("-", 1)[1] for p in cache.glob("*.npy"))
+    assert len(epochs) > 1 and indices == [f"train-{e}.npy" for e in epochs]
     again = Data(config, 16, 2000, seed=5, cache_dir=cache)
     assert torch.equal(again.samples("train", 70, 150), reference)  # read from the cache
     assert torch.equal(Data(config, 16, 2000, seed=5).samples("train", 70, 150), reference)  # no cache
@@ -459,7 +490,7 @@ def test_deterministic_cached_and_keyed(tmp_path):
     # A changed dataset file (here: rewritten, so a new mtime and size) gets a new cache key.
     stream_dataset(tmp_path, [13] * 101)
     Data(config, 16, 2000, seed=5, cache_dir=cache).samples("train", 0, 1)
-    assert len({p.name.split("-")[0] for p in cache.iterdir()}) == 2
+    assert len({p.name.split("-")[0] for p in cache.glob("*.npy")}) == 2
     assert not list(cache.glob("*.tmp*"))
 
 

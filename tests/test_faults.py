@@ -1,6 +1,7 @@
 """What a long run meets besides a clean finish: blow-ups, damaged checkpoints, full disks, signals,
 kill -9 at random moments, bad experiment folders. Each case ends either bit-exact against an
 uninterrupted run or in a one-paragraph error with nothing lost."""
+import contextlib
 import errno
 import json
 import os
@@ -108,9 +109,9 @@ def test_a_bad_step_is_skipped_and_training_goes_on(setup, monkeypatch):
     monkeypatch.setattr(model.Llama, "forward", nan_on_step_5)
     assert train.main([str(config), "training.logs.interval=3"]) == 0
     lines = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
-    assert {"step": 5, "skipped": "non-finite loss"} in lines
+    assert [line["step"] for line in lines if line.get("skipped") == "non-finite loss"] == [5]
     loss = metrics(exp, "loss")
-    assert sorted(loss) == [3, 6, 9, 12] and all(v == v for v in loss.values())  # no NaN in any average
+    assert sorted(loss) == [1, 2, 3, 6, 9, 12] and all(v == v for v in loss.values())  # no NaN in any average
 
 
 def test_two_ranks_skip_the_same_step(setup, tmp_path):
@@ -137,7 +138,8 @@ sys.exit(train.main(sys.argv[1:]))
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
-    assert {"step": 3, "skipped": "non-finite loss"} in lines and sorted(metrics(exp, "loss")) == [1, 2, 4, 5, 6]
+    assert [line["step"] for line in lines if line.get("skipped") == "non-finite loss"] == [3]
+    assert sorted(metrics(exp, "loss")) == [1, 2, 4, 5, 6]
 
 
 def test_non_finite_starting_weights_are_refused(setup, tmp_path, capsys):
@@ -433,7 +435,8 @@ def test_kill_9_at_random_moments_never_loses_a_bit(setup):
         process = start(config, *overrides)
         wait_for_step(exp, train.checkpoint_steps(exp)[0] + 1 if train.checkpoint_steps(exp) else 1, process)
         time.sleep(rng.uniform(0, 0.5))
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may have finished already
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert train.main([str(config), *overrides]) == 0
     assert_same_run(exp, expected)
