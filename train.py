@@ -87,7 +87,7 @@ class LearningRateConfig:
     decay_style: str = "constant"  # constant, linear, cosine, power
     decay_iterations: int | None = None  # absolute step where decay ends; default train_iters
     warmup_iterations: int = 0  # steps of linear ramp from 0 to base
-    decay_power: float = 1.0  # exponent of the `power` style (Fast-LLM's key; 1 is linear)
+    decay_power: float = 1.0  # progress ** this in every decay style (Fast-LLM's key; 1: plain)
 
 
 @dataclass
@@ -334,11 +334,11 @@ def learning_rate(c: LearningRateConfig, step: int, train_iters: int) -> float:
     if c.decay_style == "constant":
         return c.base
     end = c.decay_iterations if c.decay_iterations is not None else train_iters
-    progress = min(1.0, (step - c.warmup_iterations) / max(1, end - c.warmup_iterations))
+    # Fast-LLM raises the progress to decay_power in every decay style, linear and cosine included.
+    progress = min(1.0, (step - c.warmup_iterations) / max(1, end - c.warmup_iterations)) ** c.decay_power
     if c.decay_style == "cosine":
         return c.minimum + 0.5 * (c.base - c.minimum) * (1 + math.cos(math.pi * progress))
-    power = 1.0 if c.decay_style == "linear" else c.decay_power
-    return c.base + (c.minimum - c.base) * progress**power
+    return c.base + (c.minimum - c.base) * progress
 
 
 # ---------------------------------------------------------------------------------------------
