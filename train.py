@@ -107,7 +107,7 @@ class MultiStageConfig:
 
 @dataclass
 class DistributedConfig:
-    training_dtype: str = "float32"  # float32, bf16 (bfloat16), float16; masters stay float32
+    training_dtype: str = "float32"  # float32 (fp32), bf16 (bfloat16), float16 (fp16); masters stay float32
     seed: int = 1234  # Fast-LLM's key: weight init and every random choice of the run
 
 
@@ -141,7 +141,8 @@ class Config:
     pretrained: PretrainedConfig | None = None  # start from a Hugging Face Llama
 
 
-DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # Fast-LLM's names and short names
 H100_PEAK_FLOPS = 989e12  # dense bf16, the MFU denominator of docs/performance.md
 
 
