@@ -48,6 +48,7 @@ class LogsConfig:
 class ValidationConfig:
     interval: int | None = None  # steps between validation passes (and one at the end); None: off
     iterations: int | None = None  # global batches per validation pass
+    path: str | None = None  # (ours) a dataset file read whole for validation; None: data.path's validation split
 
 
 @dataclass
@@ -742,9 +743,17 @@ class Trainer:
 
         seed = config.model.distributed.seed
         self.data = Data(config.data, b.sequence_length, m.vocab_size, seed, self.exp / "cache")
+        self.sources = {s: (self.data, s) for s in ("train", "validation", "test")}  # each split's Data and name
+        if t.validation.path is not None:  # a dataset of its own, read whole: the train split of a [1, 0, 0] split
+            own = dataclasses.replace(config.data, format="file", path=t.validation.path, split=[1, 0, 0])
+            try:
+                self.sources["validation"] = (Data(own, b.sequence_length, m.vocab_size, seed, self.exp / "cache"),
+                                              "train")
+            except DataError as e:
+                raise DataError(f"training.validation.path {t.validation.path} (the validation dataset): {e}") from None
         for split, wanted, key in (("validation", t.validation.interval is not None, "training.validation is on"),
                                    ("test", t.test_iters > 0, f"training.test_iters is {t.test_iters}")):
-            if wanted and self.data.num_samples(split) == 0:
+            if wanted and self.sources[split][0].num_samples(self.sources[split][1]) == 0:
                 raise DataError(f"{key} but the {split} split of data.split {config.data.split} holds no sample")
 
         c = config.optimizer
@@ -769,7 +778,7 @@ class Trainer:
             (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
             rotate(exp, t.checkpoint.keep)  # after a kill between a checkpoint's rename and its rotation
         self.log = Logger(exp / "metrics.jsonl", rank, state.step)
-        self.loaders = {s: Loader(self.data, s, state.consumed.get(s, 0), b.batch_size, b.micro_batch_size,
+        self.loaders = {s: Loader(*self.sources[s], state.consumed.get(s, 0), b.batch_size, b.micro_batch_size,
                                   rank, self.world, self.device) for s in ("train", "validation")}
         layers = self.config.model.base_model.transformer.num_layers
         self.log(f"{'resuming from ' + str(self.checkpoint) if self.checkpoint else 'starting'}: "
@@ -865,7 +874,8 @@ class Trainer:
             loss = evaluate(self.model, self.loaders["validation"], t.validation.iterations, self.world, self.device)
             self.log(f"step {step} | validation loss {loss:.4f}", step=step, val_loss=loss)
         if last and t.test_iters:
-            test = Loader(self.data, "test", 0, b.batch_size, b.micro_batch_size, self.rank, self.world, self.device)
+            test = Loader(*self.sources["test"], 0, b.batch_size, b.micro_batch_size, self.rank, self.world,
+                          self.device)
             loss = evaluate(self.model, test, t.test_iters, self.world, self.device)
             test.close()
             self.log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)
