@@ -50,6 +50,7 @@ class LogsConfig:
 class ValidationConfig:
     interval: int | None = None  # steps between validation passes (and one at the end); None: off
     iterations: int | None = None  # global batches per validation pass
+    path: str | None = None  # (ours) a dataset file read whole for validation; None: data.path's validation split
 
 
 @dataclass
@@ -104,7 +105,7 @@ class LearningRateConfig:
     decay_style: str = "constant"  # constant, linear, cosine, power
     decay_iterations: int | None = None  # absolute step where decay ends; default train_iters
     warmup_iterations: int = 0  # steps of linear ramp from 0 to base
-    decay_power: float = 1.0  # exponent of the `power` style (Fast-LLM's key; 1 is linear)
+    decay_power: float = 1.0  # progress ** this in every decay style (Fast-LLM's key; 1: plain)
 
 
 @dataclass
@@ -124,7 +125,7 @@ class MultiStageConfig:
 
 @dataclass
 class DistributedConfig:
-    training_dtype: str = "float32"  # float32, bf16 (bfloat16), float16; masters stay float32
+    training_dtype: str = "float32"  # float32 (fp32), bf16 (bfloat16), float16 (fp16); masters stay float32
     seed: int = 1234  # Fast-LLM's key: weight init and every random choice of the run
 
 
@@ -158,7 +159,8 @@ class Config:
     pretrained: PretrainedConfig | None = None  # start from a Hugging Face Llama
 
 
-DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # Fast-LLM's names and short names
 H100_PEAK_FLOPS = 989e12  # dense bf16, the MFU denominator of docs/performance.md
 
 
@@ -257,6 +259,9 @@ def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise yaml_error(e, f"the value of command-line override `{item}`") from None
+    errors, warnings = [], []
+    named = translate(raw, world_size, errors, warnings)  # Fast-LLM's newer keys become ours
+    translated = len(errors)  # the messages after these name our keys: they get the user's back
     pretrained = raw.get("pretrained")
     if isinstance(pretrained, dict) and pretrained.get("path"):
         base = pretrained_architecture(pretrained["path"], raw.get("run"))
@@ -266,14 +271,18 @@ def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
         raw["model"] = dict(raw["model"] or {}, base_model=merge(base, own, "model.base_model", notes))
         if os.environ.get("RANK", "0") == "0":
             for key, mine, theirs in notes:
-                print(f"{key}: {mine!r} from {path} overrides {theirs!r} from {pretrained['path']}/config.json")
-    errors = []
+                print(f"{named.get(key, key)}: {mine!r} from {path} overrides {theirs!r} from "
+                      f"{pretrained['path']}/config.json")
     config = build(Config, raw, "", errors)
     # A key whose value had the wrong type kept its default: don't also report that default's value.
     wrong = [e.split("`")[1] for e in errors if e.startswith("`")]
     errors += [e for e in validate(config, world_size) if not any(e.startswith(w) for w in wrong)]
+    for ours, theirs in sorted(named.items(), key=lambda item: -len(item[0])):  # the longest first: no prefix slips
+        errors[translated:] = [e.replace(ours, theirs) for e in errors[translated:]]
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("".join(f"warning: {w}\n" for w in warnings), end="", file=sys.stderr)
     return config
 
 
@@ -326,7 +335,8 @@ def validate(c: Config, world_size: int) -> list[str]:
         (o.weight_decay < 0, "optimizer.weight_decay must not be negative"),
         (o.gradient_norm_clipping < 0, "optimizer.gradient_norm_clipping must not be negative (0: off)"),
         *((True, message) for message in c.model.base_model.errors()),
-        (c.model.multi_stage.zero_stage not in (1, 2), "model.multi_stage.zero_stage must be 1 or 2"),
+        (c.model.multi_stage.zero_stage not in (1, 2), "model.multi_stage.zero_stage must be 1 or 2 (3, which shards "
+         "the weights too, is not implemented; 2 trains the same model)"),
         (c.model.distributed.training_dtype not in DTYPES,
          f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of {', '.join(DTYPES)}"),
         (c.run.experiment_dir is None, "run.experiment_dir is required"),
@@ -349,6 +359,190 @@ def validate(c: Config, world_size: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Fast-LLM's newer schema (v0.4, 2026) says the same under other names: the architecture as embeddings /
+# decoder.block.{mixer, mlp} / head, micro-batches in tokens, datasets and evaluators by name. `translate`
+# rewrites such a file into the schema above before `build` (docs/schema.md, "Schema generations").
+
+B, T, D = "model.base_model.", "model.base_model.transformer.", "model.distributed."
+MIXER, MLP, NORM = B + "decoder.block.mixer.", B + "decoder.block.mlp.", "normalization."
+RENAMES = {  # a newer key -> ours; two newer keys of one of ours must agree
+    D + "compute_dtype": D + "training_dtype", B + "hidden_size": T + "hidden_size",
+    B + "tied_embedding_weight": B + "tie_word_embeddings", B + "embeddings.vocab_size": B + "vocab_size",
+    B + "embeddings.position_embeddings.enabled": B + "use_position_embeddings",
+    B + "decoder.num_blocks": T + "num_layers", MIXER + "heads": T + "num_attention_heads",
+    MIXER + "head_groups": T + "head_groups", MIXER + "head_size": T + "kv_channels",
+    MIXER + "add_linear_biases": T + "add_linear_biases", MLP + "add_linear_biases": T + "add_linear_biases",
+    MLP + "intermediate_size": T + "ffn_hidden_size", MLP + "gated": T + "gated",
+    MLP + "activation": T + "activation_type",
+    **{f"{B}{part}.{NORM}{key}": f"{T}{NORM}{key}"  # one setting for every norm here
+       for part in ("decoder.block", "head") for key in ("type", "epsilon")},
+    **{f"{MIXER}rotary.{key}": f"{T}rotary.{key}"
+       for key in ("scale_factor", "low_frequency_factor", "high_frequency_factor", "original_context_length")},
+}
+CHANGES = {  # newer keys (T: Fast-LLM 2025's) written otherwise here: ours, the change, why it may not apply
+    **{f"{where}rotary.type": (T + "rotary.scaling_type", {"default": "none", "llama3": "llama3"}.__getitem__,
+                               "Llama's rotary embeddings are default, or llama3 with Llama 3.1's scaling")
+       for where in (MIXER, T)},
+    **{f"{where}rotary.theta": (T + "rotary_embedding_scale", lambda theta: -math.log(theta), "must be positive")
+       for where in (MIXER, T)},
+}
+PAIRS = [(MIXER + "add_linear_biases", MLP + "add_linear_biases"),  # one setting here: set both or neither
+         (f"{B}decoder.block.{NORM}epsilon", f"{B}head.{NORM}epsilon")]
+NEWER_DEFAULTS = {B + "tied_embedding_weight": False, MIXER + "head_size": 128, MLP + "intermediate_size": 4096}
+NO_EFFECT = {path: (values, why) for paths, values, why in [  # Fast-LLM keys that change nothing for a dense Llama
+    # trained data-parallel when they hold one of these values (None: any); another value is refused, saying why
+    ((D + "tensor_parallel", D + "pipeline_parallel", D + "sequence_data_parallel"), (1,),
+     "only data parallelism is implemented"),
+    ((D + "sequence_tensor_parallel",), (False,), "sequence parallelism is not implemented"),
+    ((B + "embeddings.dropout", B + "decoder.block.dropout", MIXER + "dropout", T + "attention_dropout",
+      T + "hidden_dropout"), (0,), "dropout is not implemented"),
+    ((MIXER + "window_size", T + "window_size"), (None,), "sliding-window attention is not implemented"),
+    ((MIXER + "type", MLP + "type"), ("attention", "mlp"), "a block is attention and a dense MLP here"),
+    ((D + "optimization_dtype",), ("float32", "fp32"), "master weights and optimizer state are float32 here"),
+    (("data.truncate_documents",), (True,), "documents are cut at sequence boundaries; padding is not implemented"),
+    ((MIXER + "use_flash_attention", MIXER + "implementation", T + "use_flash_attention", D + "timeout",
+      "training.timeout", "training.num_workers", "data.seed", "data.sampling.seed", "data.gpu", "data.sampling.gpu",
+      "schedule.micro_batch_splits"), None, ""),
+] for path in paths}
+BATCH = ("data.micro_batch_size", "data.maximum_document_length", "schedule.depth_first_micro_batches",
+         "schedule.breadth_first_micro_batches")
+NEWER = (*BATCH, "schedule", "data.datasets", "training.evaluators", D + "compute_dtype", B + "hidden_size",
+         B + "tied_embedding_weight", B + "embeddings", B + "decoder", B + "head")
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """{dotted key path: value} of the leaves of a YAML mapping (a leaf: anything but a non-empty mapping)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree} if prefix else {}
+    return {p: v for key, value in tree.items() for p, v in flatten(value, f"{prefix}.{key}".lstrip(".")).items()}
+
+
+def unflatten(flat: dict) -> dict:
+    tree = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for part in parents:
+            node = node[part] if isinstance(node.get(part), dict) else node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]) -> dict[str, str]:
+    """Rewrite, in place, a file's keys of Fast-LLM's newer schema into ours (ours stay as they are). Returns
+    {our key path: the path the user wrote}, so that later messages name the user's keys."""
+    flat, named = flatten(raw), {}
+    newer = any(p.startswith(NEWER) for p in flat)
+
+    def put(path: str, value, source: str):
+        if path in flat and flat[path] != value:
+            errors.append(f"`{source}` and `{named.get(path, path)}` both set `{path}`, to {value!r} and "
+                          f"{flat[path]!r}; give them one value")
+        flat[path], named[path] = value, named.get(path, source)
+
+    def take(path: str, default=None):  # remove the value or the mapping at `path` and return it
+        sub = {p[len(path) + 1:]: flat.pop(p) for p in list(flat) if p.startswith(path + ".")}
+        return flat.pop(path, unflatten(sub) if sub else default)
+
+    if newer and not flat.get("pretrained.path") and not any(p.startswith(T) for p in flat):
+        for path, value in NEWER_DEFAULTS.items():  # Fast-LLM's newer defaults where they differ from ours
+            if RENAMES[path] not in flat:
+                flat.setdefault(path, value)
+    errors += [f"`{a}` and `{b}`: this model has one setting for both; set both, or neither"
+               for a, b in PAIRS if (a in flat) != (b in flat)]
+    for path, value in list(flat.items()):
+        if path in RENAMES or path in CHANGES:
+            target, change, why = CHANGES.get(path, (RENAMES.get(path), None, ""))
+            del flat[path]
+            try:
+                put(target, change(value) if change else value, path)
+            except (ValueError, TypeError, KeyError):
+                errors.append(f"`{path}: {value!r}`: {why}")
+        elif path in NO_EFFECT:
+            (values, why), _ = NO_EFFECT[path], flat.pop(path)
+            if values is None or value in values:
+                warnings.append(f"`{path}: {value!r}` changes nothing here; ignored")
+            else:
+                errors.append(f"`{path}: {value!r}` can't be matched: {why}")
+
+    # The batch: on each rank, depth_first x breadth_first micro-batches of micro_batch_size tokens a step. Here:
+    # sequences of maximum_document_length tokens (or micro_batch_size), so attention spans no more than there.
+    if (sizes := [take(k) for k in BATCH]) != [None] * 4 or (newer and "batch" not in raw):
+        tokens, longest, depth, breadth = (d if v is None else v for v, d in zip(sizes, (2048, None, 1, 1)))
+        valid = all(type(v) is int and v > 0 for v in sizes if v is not None)
+        length = min(tokens, longest or tokens) if valid else 0
+        if not length or tokens % length:
+            errors.append(f"{', '.join(f'`{k}: {v}`' for k, v in zip(BATCH, sizes) if v is not None)}: these must be "
+                          "positive integers, maximum_document_length a divisor of micro_batch_size if smaller")
+            put("batch.batch_size", world_size, BATCH[0])  # a stand-in, so that it isn't also reported missing
+        else:
+            warnings.append(f"`{BATCH[0]}: {tokens}`: sequences of {length} tokens in which documents attend to each "
+                            "other (as in the seed schema); Fast-LLM's newer schema keeps them apart")
+            put("batch.sequence_length", length, BATCH[1] if length < tokens else BATCH[0])
+            put("batch.micro_batch_size", tokens // length, BATCH[0])
+            put("batch.batch_size", tokens // length * depth * breadth * world_size, BATCH[0])
+
+    # One loss evaluator becomes training.validation; its dataset, training.validation.path.
+    evaluators, validation = take("training.evaluators", {}), None
+    if isinstance(evaluators, dict) and ("evaluator" in evaluators or "interval" in evaluators):
+        evaluators = {"validation": evaluators}  # the published Llama recipe's form, one level short
+    if not isinstance(evaluators, dict) or len(evaluators) > 1:
+        names = ", ".join(map(str, evaluators)) if isinstance(evaluators, dict) else evaluators
+        errors.append(f"`training.evaluators`: {names}: one evaluator here, the validation loss; keep one")
+        evaluators = {}
+    for name, spec in evaluators.items():
+        where, spec = f"training.evaluators.{name}", dict(spec) if isinstance(spec, dict) else {}
+        nested = spec.pop("evaluator") if isinstance(spec.get("evaluator"), dict) else {}
+        spec.update(nested)  # the recipe's form nests type, iterations and dataset_name under `evaluator`
+        inner = where + ".evaluator" if nested else where
+        kind, offset, validation = spec.pop("type", "loss"), spec.pop("offset", 0), spec.pop("dataset_name", name)
+        interval, iterations = spec.pop("interval", None), spec.pop("iterations", None)
+        errors += [f"unknown key `{where}.{key}`" for key in spec]
+        if kind != "loss" or offset != 0:
+            errors.append(f"`{where}`: type {kind}, offset {offset}: only the validation loss (type loss) at "
+                          "multiples of the interval (offset 0) is implemented")
+        if interval is None or iterations is None:  # either one null turns it off
+            validation = None
+        else:
+            put("training.validation.interval", interval, where + ".interval")
+            put("training.validation.iterations", iterations, inner + ".iterations")
+
+    # The training dataset becomes data.path (or data.format: random), read whole.
+    datasets = take("data.datasets", {})
+    if not isinstance(datasets, dict):
+        errors.append(f"`data.datasets` must be a mapping of datasets by name, got {datasets!r}")
+        datasets = {}
+    random_training = isinstance(datasets.get("training"), dict) and datasets["training"].get("type") == "random"
+    for name, spec in datasets.items():
+        where, kind = f"data.datasets.{name}", spec.get("type") if isinstance(spec, dict) else None
+        path = spec.get("path") if kind in ("file", "memmap") and set(spec) == {"type", "path"} else None
+        if name not in ("training", validation):
+            warnings.append(f"`{where}` is read by no evaluator; ignored")
+        elif name == "training" and (kind == "random" or isinstance(path, str)):
+            put("data.format", "random" if kind == "random" else "file", where)
+            put("data.split", [1.0, 0.0, 0.0], where)
+            if path is not None:
+                put("data.path", path, where + ".path")
+        elif isinstance(path, str):
+            put("training.validation.path", path, where + ".path")
+        elif kind != "random" or not random_training:
+            errors.append(f"`{where}`: {spec} is not read here; give {{type: file, path: X.yaml}} (a dataset file: "
+                          "it may blend, slice and concatenate), {type: memmap, path: X}, or {type: random} for both")
+    if validation is not None and validation not in datasets:
+        errors.append(f"`training.evaluators` validate on dataset `{validation}`, which data.datasets does not define")
+
+    for path in [p for p in flat if p.startswith((B + "embeddings", B + "decoder", B + "head", "schedule"))]:
+        if flat.pop(path) not in (None, {}):  # what is left in a newer section, but an empty mapping, is unknown
+            parent, _, key = path.rpartition(".")
+            known = [k.rpartition(".")[2] for k in (*RENAMES, *NO_EFFECT) if k.startswith(parent + ".")]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+            errors.append(f"unknown key `{path}`." + (f" Did you mean `{parent}.{close[0]}`?" if close else ""))
+    raw.clear()
+    raw.update(unflatten(flat))
+    return {ours: theirs for ours, theirs in named.items() if ours != theirs}
+
+
+# ---------------------------------------------------------------------------------------------
 # Learning-rate schedule
 
 
@@ -364,11 +558,11 @@ def learning_rate(c: LearningRateConfig, step: int, train_iters: int) -> float:
     if c.decay_style == "constant":
         return c.base
     end = c.decay_iterations if c.decay_iterations is not None else train_iters
-    progress = min(1.0, (step - c.warmup_iterations) / max(1, end - c.warmup_iterations))
+    # Fast-LLM raises the progress to decay_power in every decay style, linear and cosine included.
+    progress = min(1.0, (step - c.warmup_iterations) / max(1, end - c.warmup_iterations)) ** c.decay_power
     if c.decay_style == "cosine":
         return c.minimum + 0.5 * (c.base - c.minimum) * (1 + math.cos(math.pi * progress))
-    power = 1.0 if c.decay_style == "linear" else c.decay_power
-    return c.base + (c.minimum - c.base) * progress**power
+    return c.base + (c.minimum - c.base) * progress
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,9 +1075,17 @@ class Trainer:
 
         seed = config.model.distributed.seed
         self.data = Data(config.data, b.sequence_length, m.vocab_size, seed, self.exp / "cache")
+        self.sources = {s: (self.data, s) for s in ("train", "validation", "test")}  # each split's Data and name
+        if t.validation.path is not None:  # a dataset of its own, read whole: the train split of a [1, 0, 0] split
+            own = dataclasses.replace(config.data, format="file", path=t.validation.path, split=[1, 0, 0])
+            try:
+                self.sources["validation"] = (Data(own, b.sequence_length, m.vocab_size, seed, self.exp / "cache"),
+                                              "train")
+            except DataError as e:
+                raise DataError(f"training.validation.path {t.validation.path} (the validation dataset): {e}") from None
         for split, wanted, key in (("validation", t.validation.interval is not None, "training.validation is on"),
                                    ("test", t.test_iters > 0, f"training.test_iters is {t.test_iters}")):
-            if wanted and self.data.num_samples(split) == 0:
+            if wanted and self.sources[split][0].num_samples(self.sources[split][1]) == 0:
                 raise DataError(f"{key} but the {split} split of data.split {config.data.split} holds no sample")
 
         c = config.optimizer
@@ -908,7 +1110,7 @@ class Trainer:
             (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
             rotate(exp, t.checkpoint.keep)  # after a kill between a checkpoint's rename and its rotation
         self.log = Logger(exp / "metrics.jsonl", rank, state.step, Tracker(self.config, exp, rank))
-        self.loaders = {s: Loader(self.data, s, state.consumed.get(s, 0), b.batch_size, b.micro_batch_size,
+        self.loaders = {s: Loader(*self.sources[s], state.consumed.get(s, 0), b.batch_size, b.micro_batch_size,
                                   rank, self.world, self.device) for s in ("train", "validation")}
         layers = self.config.model.base_model.transformer.num_layers
         self.log(f"{'resuming from ' + str(self.checkpoint) if self.checkpoint else 'starting'}: "
@@ -1045,7 +1247,8 @@ class Trainer:
             loss = evaluate(self.model, self.loaders["validation"], t.validation.iterations, self.world, self.device)
             self.log(f"step {step} | validation loss {loss:.4f}", step=step, val_loss=loss)
         if last and t.test_iters:
-            test = Loader(self.data, "test", 0, b.batch_size, b.micro_batch_size, self.rank, self.world, self.device)
+            test = Loader(*self.sources["test"], 0, b.batch_size, b.micro_batch_size, self.rank, self.world,
+                          self.device)
             loss = evaluate(self.model, test, t.test_iters, self.world, self.device)
             test.close()
             self.log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)

@@ -1,4 +1,4 @@
-"""The one builder of small Llamas that the test modules share."""
+"""What the test modules share: the one builder of small Llamas, and Llama-3.1-8B's config.json."""
 import math
 
 import torch
@@ -26,3 +26,15 @@ def build_llama(config: BaseModelConfig, sequence_length: int, dtype=torch.float
     with torch.device("meta"):
         model = Llama(config, sequence_length, dtype)
     return model.init_weights(device)
+
+
+LLAMA_31_8B = {  # its Hugging Face config.json, as published (docs/formats.md section 3)
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+    "hidden_act": "silu", "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "max_position_embeddings": 131072, "tie_word_embeddings": False,
+    "attention_bias": False, "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128001,
+    "torch_dtype": "bfloat16"}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import export
 from export import ExportError, base_model_dict_from_hf, export_llama, load_llama_weights, model_config_from_dict
-from helpers import build_llama, llama_config
+from helpers import LLAMA_31_8B, build_llama, llama_config
 from model import BaseModelConfig, Llama, NormalizationConfig, count_parameters
 
 transformers = pytest.importorskip("transformers")
@@ -169,17 +169,6 @@ def test_export_after_import_is_bit_for_bit(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Llama-3.1-8B: the published config.json gives the seed recipe's model
-
-LLAMA_31_8B = {  # docs/formats.md section 3
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-    "hidden_act": "silu", "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    "max_position_embeddings": 131072, "tie_word_embeddings": False,
-    "attention_bias": False, "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128001,
-    "torch_dtype": "bfloat16"}
 
 
 @pytest.mark.parametrize("style", ["transformers4", "transformers5"])
