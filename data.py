@@ -1013,9 +1013,11 @@ def prepare(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
+                                     epilog="The formats read and written: docs/formats.md.")
     p = parser.add_subparsers(dest="command", required=True).add_parser(
-        "prepare", description="Tokenize text into token shards, a dataset file and tokenizer.json in --output.")
+        "prepare", description="Tokenize text into token shards, a dataset file and tokenizer.json in --output.",
+        epilog="The formats written: docs/formats.md.")
     p.add_argument("--output", required=True, help="folder to write (the dataset file, shard_*, tokenizer.json)")
     p.add_argument("--format", choices=("megatron", "fast_llm"), default="megatron",
                    help="megatron: PREFIX.bin + PREFIX.idx shards (index version 1, which Megatron-LM and every "

@@ -43,7 +43,7 @@ def newer(**sections) -> dict:
 def test_recipe_with_the_architecture_written_out(tmp_path):
     out = dry_run(NEWER, f"run.experiment_dir={tmp_path / 'exp'}")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["parameters: 8030261248", "tokens per step: 32768", "accumulation steps: 1"]
+    assert out.stdout.splitlines()[:3] == ["parameters: 8030261248", "tokens per step: 32768", "accumulation steps: 1"]
     assert not (tmp_path / "exp").exists()
 
 
@@ -57,7 +57,7 @@ def test_recipe_with_the_architecture_from_a_pretrained_config_json(tmp_path):
                                                                     "dataset_name": "validation"}}
     out = dry_run(Path(write(tmp_path, raw)), f"run.experiment_dir={tmp_path / 'exp'}", world=1)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["parameters: 8030261248", "tokens per step: 4096", "accumulation steps: 1"]
+    assert out.stdout.splitlines()[:3] == ["parameters: 8030261248", "tokens per step: 4096", "accumulation steps: 1"]
     config, written_out = load_config(write(tmp_path, raw), [], 8), load_config(str(NEWER), [], 8)
     assert (config.model.base_model.use_position_embeddings, written_out.model.base_model.use_position_embeddings) \
         == (False, None)  # config.json says false; the recipe leaves it unset: none either way
@@ -75,7 +75,8 @@ def test_the_two_recipes_give_the_same_run():
     ours = dataclasses.asdict(load_config(str(NEWER), overrides, 8))
     assert (ours["data"], ours["training"]["validation"].pop("path")) == (
         {"format": "file", "path": "fast-llm-tutorial/dataset/fast_llm_config_training.yaml",
-         "split": [1.0, 0.0, 0.0]}, "fast-llm-tutorial/dataset/fast_llm_config_validation.yaml")
+         "split": [1.0, 0.0, 0.0], "sampling": {"use_loss_masking_spans": False}},
+        "fast-llm-tutorial/dataset/fast_llm_config_validation.yaml")
     assert seed["data"]["split"] == [99, 1, 0] and seed["training"]["validation"].pop("path") is None
     seed_model, ours_model = seed["model"]["base_model"], ours["model"]["base_model"]
     assert (seed_model.pop("cross_entropy_impl"), ours_model.pop("cross_entropy_impl")) == ("fused", "auto")
