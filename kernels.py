@@ -296,7 +296,6 @@ def swiglu_linear(gate, up, weight, bias=None, float8: bool = False) -> torch.Te
 # bf16 path keeps: a block keeps the same activations. The embedding, the head and the loss stay in bf16.
 
 E4M3, GRAD_FLOAT8 = torch.float8_e4m3fn, torch.float8_e5m2
-FLOAT8_TILE = (64, 128)  # rows x columns of x per program of the cast
 
 
 @triton.jit
@@ -328,17 +327,18 @@ def _float8_torch(x: torch.Tensor, dtype: torch.dtype, layouts: str = "N"):
 
 
 def _float8(x: torch.Tensor, dtype: torch.dtype, layouts: str = "N") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """x (R, C) cast to float8 `dtype` with one scale: a (data, 1 / scale) pair per letter of `layouts`, N for x's own
-    (R, C), T for its transpose (C, R), both contiguous. The Triton kernel on a GPU or under the interpreter,
-    else its twin (a CPU run)."""
+    """x (R, C) cast to float8 `dtype` with one scale: a (data, 1 / scale) pair per letter of `layouts`, N: x (R, C),
+    T: x^T (C, R), both contiguous. The Triton kernel on a GPU or under the interpreter, else its twin."""
     if not (x.is_cuda or INTERPRETED):
         return _float8_torch(x, dtype, layouts)
+    if x.dtype == torch.float32 and len(layouts) > 1:  # Triton 3.6 writes wrong bytes into x^T when it casts a float32
+        return [pair for layout in layouts for pair in _float8(x, dtype, layout)]  # x to both at once (BENCHMARKS.md)
     x, (R, C) = x.contiguous(), x.shape
     amax = torch.linalg.vector_norm(x, float("inf"))  # max |x| in one pass, exact in x's dtype (one of its values)
     y = torch.empty((R, C) if "N" in layouts else 0, dtype=dtype, device=x.device)
     yt = torch.empty((C, R) if "T" in layouts else 0, dtype=dtype, device=x.device)
     inv = torch.empty((), dtype=torch.float32, device=x.device)
-    (br, bc), fmax = FLOAT8_TILE, torch.finfo(dtype).max
+    br, bc, fmax = 64, 128, torch.finfo(dtype).max  # br x bc elements of x per program
     _float8_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](x, amax, y, yt, inv, R, C, fmax, "N" in layouts,
                                                              "T" in layouts, br, bc, num_warps=_num_warps(br * bc))
     return [(y if layout == "N" else yt, inv) for layout in layouts]
@@ -370,10 +370,9 @@ def _grad_input(douts, weights, float8: bool) -> torch.Tensor:
         for d, w in zip(douts[1:], weights[1:]):
             dx.addmm_(d, w)  # the sum over the projections accumulates in the matmul (float32 inside)
         return dx
-    dx = None
-    for (d8, _), w in zip(douts, weights):
-        y = _mm8(d8, _float8(w, E4M3, "T")[0], w.dtype)
-        dx = y if dx is None else dx.add_(y)  # 2 or 3 terms, each rounded once to bf16: far below float8's error
+    dx = _mm8(douts[0][0], _float8(weights[0], E4M3, "T")[0], weights[0].dtype)
+    for (d8, _), w in zip(douts[1:], weights[1:]):
+        dx.add_(_mm8(d8, _float8(w, E4M3, "T")[0], w.dtype))  # each term rounded once, to bf16: below float8 error
     return dx
 
 

@@ -10,7 +10,7 @@
 #                                against transformers eager and torch.compile (bench/activations.py speed)
 #   bash bench/gpu.sh issue14 DATA  gpu-marked tests; float8 against bf16: the cast, the matmuls, one block and the
 #                                1-GPU proxy (bench/float8.py speed); convergence of a 61M Llama on the demo dataset
-#                                whose JSON is DATA (bench/float8.py converge); the proxy by train.py in float8
+#                                whose JSON is DATA (bench/float8.py converge); the proxy by train.py, bf16 and float8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
@@ -47,7 +47,9 @@ issue14)
   timeout 140 python -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
   timeout 140 python bench/float8.py speed 2>&1 | tee "$OUT/speed.md"
   timeout 140 python bench/float8.py converge "$2" 2>"$OUT/converge_log.txt" | tee "$OUT/converge.md"
-  timeout 60 python train.py $seed model.base_model.transformer.num_layers=4 batch.batch_size=16 \
-    model.base_model.recompute_layers=0 model.distributed.float8_matmuls=true training.train_iters=5 \
-    run.experiment_dir=/tmp/p8 2>&1 | grep -E "^(step|starting|error)|Error|error:" | tee "$OUT/proxy_float8.txt" ;;
+  for f8 in false true; do
+    timeout 70 python train.py $seed model.base_model.transformer.num_layers=4 batch.batch_size=16 \
+      model.base_model.recompute_layers=0 model.distributed.float8_matmuls=$f8 training.train_iters=7 \
+      run.experiment_dir=/tmp/p$f8 2>&1 | grep -E "^(step|starting|error)|Error|error:" | tee -a "$OUT/proxy.txt"
+  done ;;
 esac
