@@ -858,18 +858,20 @@ class Trainer:
 
     def __init__(self, config: Config, rank: int, world: int, device: torch.device):
         self.config, self.rank, self.world, self.device = config, rank, world, device
-        t, b, m = config.training, config.batch, config.model.base_model
+        t, b, m, d = config.training, config.batch, config.model.base_model, config.model.distributed
         self.exp = Path(config.run.experiment_dir)
         if problem := experiment_dir_problem(self.exp):
             raise ConfigError(problem)
         if m.cross_entropy_impl == "fused" and (problem := fused_cross_entropy_problem(device)):
             raise ConfigError(problem)
+        if d.float8_matmuls and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ConfigError("model.distributed.float8_matmuls needs float8 tensor cores (compute capability 8.9 or "
+                              f"more: H100, H200); {torch.cuda.get_device_name(device)} has none: set it false")
         self.checkpoint, self.state = choose_checkpoint(self.exp, config, rank, world)
 
         # Model: built on meta, materialized and initialized on the device, the same on every rank.
         torch.manual_seed(config.model.distributed.seed)
         with torch.device("meta"):
-            d = config.model.distributed
             self.model = Llama(m, b.sequence_length, DTYPES[d.training_dtype], d.float8_matmuls)
         self.model.init_weights(device)
         source = f"the initialization (model.base_model.transformer.init_method_std {m.transformer.std})"
