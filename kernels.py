@@ -124,35 +124,34 @@ class NormLinearFunction(torch.autograd.Function):
     gradients (the same kernel on the same x, so bit for bit the forward's) instead of holding H values a token."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, eps, *linears):  # linears: weight_0, bias_0 (or None), weight_1, ...
+    def forward(ctx, x, norm_weight, eps, float8, *linears):  # linears: weight_0, bias_0 (or None), weight_1, ...
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         xn, rstd = _rms_norm_forward(x2, norm_weight, eps)
         weights, biases = linears[0::2], linears[1::2]
         ctx.save_for_backward(x2, norm_weight, rstd, *weights)
-        ctx.eps, ctx.shape, ctx.has_bias = eps, x.shape, [b is not None for b in biases]
-        return tuple(F.linear(xn, w, b).view(*x.shape[:-1], w.shape[0]) for w, b in zip(weights, biases))
+        ctx.eps, ctx.shape, ctx.has_bias, ctx.float8 = eps, x.shape, [b is not None for b in biases], float8
+        return tuple(y.view(*x.shape[:-1], -1) for y in _project(xn, weights, biases, float8))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *douts):
         x, norm_weight, rstd, *weights = ctx.saved_tensors
         douts = [d.reshape(x.shape[0], -1) for d in douts]
-        dxn = douts[0] @ weights[0]
-        for d, w in zip(douts[1:], weights[1:]):
-            dxn.addmm_(d, w)  # the sum over the projections accumulates in the matmul (float32 inside)
+        grads_in = [_float8(d, GRAD_FLOAT8, "NT") for d in douts] if ctx.float8 else douts
+        dxn = _grad_input(grads_in, weights, ctx.float8)
         xn = _rms_norm_forward(x, norm_weight, ctx.eps)[0]
         grads = []
-        for d, has_bias in zip(douts, ctx.has_bias):
-            grads += [d.t() @ xn, d.sum(0) if has_bias else None]
-        del xn
+        for d, dw, has_bias in zip(douts, _grad_weights(grads_in, xn, ctx.float8), ctx.has_bias):
+            grads += [dw, d.sum(0) if has_bias else None]
+        del xn, grads_in
         dx, dw = _rms_norm_backward(dxn, x, norm_weight, rstd)
-        return dx.view(ctx.shape), dw, None, *grads
+        return dx.view(ctx.shape), dw, None, None, *grads
 
 
-def norm_linear(x, norm_weight, eps: float, weights, biases) -> tuple[torch.Tensor, ...]:
-    """rms_norm(x) fed to each projection (weights[i], biases[i] or None), x (..., H); the twin is
-    `model.norm_linear_torch`."""
-    return NormLinearFunction.apply(x, norm_weight, eps, *[t for pair in zip(weights, biases) for t in pair])
+def norm_linear(x, norm_weight, eps: float, weights, biases, float8: bool = False) -> tuple[torch.Tensor, ...]:
+    """rms_norm(x) fed to each projection (weights[i], biases[i] or None), x (..., H), the matmuls in float8 if
+    `float8`; the twin is `model.norm_linear_torch`."""
+    return NormLinearFunction.apply(x, norm_weight, eps, float8, *[t for pair in zip(weights, biases) for t in pair])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,31 +257,152 @@ class SwiGLULinearFunction(torch.autograd.Function):
     therefore not supported."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias):
+    def forward(ctx, gate, up, weight, bias, float8):
         gate, up = gate.contiguous(), up.contiguous()
         p = torch.empty_like(gate)
         grid = (triton.cdiv(p.numel(), SWIGLU_BLOCK),)
         _swiglu_forward_kernel[grid](gate, up, p, p.numel(), BLOCK=SWIGLU_BLOCK, num_warps=_num_warps(SWIGLU_BLOCK))
         ctx.save_for_backward(gate, up, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(p, weight, bias)
+        ctx.has_bias, ctx.float8 = bias is not None, float8
+        return _project(p.view(-1, p.shape[-1]), [weight], [bias], float8)[0].view(*p.shape[:-1], -1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         gate, up, weight = ctx.saved_tensors
         dout = dout.reshape(-1, weight.shape[0])
-        dp = (dout @ weight).view(gate.shape)  # then p, in place
+        grads_in = [_float8(dout, GRAD_FLOAT8, "NT") if ctx.float8 else dout]
+        dp = _grad_input(grads_in, [weight], ctx.float8).view(gate.shape)  # then p, in place
         grid = (triton.cdiv(dp.numel(), SWIGLU_BLOCK),)
         _swiglu_backward_kernel[grid](gate, up, dp, dp.numel(), BLOCK=SWIGLU_BLOCK,
                                       num_warps=_num_warps(SWIGLU_BLOCK))
-        dweight = dout.t() @ dp.view(dout.shape[0], -1)
-        return gate, up, dweight, dout.sum(0) if ctx.has_bias else None
+        dweight = _grad_weights(grads_in, dp.view(dout.shape[0], -1), ctx.float8)[0]
+        return gate, up, dweight, dout.sum(0) if ctx.has_bias else None, None
 
 
-def swiglu_linear(gate, up, weight, bias=None) -> torch.Tensor:
-    """F.linear(silu(gate) * up, weight, bias) for gate, up (..., F); the twin is `model.swiglu_linear_torch`."""
-    return SwiGLULinearFunction.apply(gate, up, weight, bias)
+def swiglu_linear(gate, up, weight, bias=None, float8: bool = False) -> torch.Tensor:
+    """F.linear(silu(gate) * up, weight, bias) for gate, up (..., F), the matmuls in float8 if `float8`; the twin is
+    `model.swiglu_linear_torch`."""
+    return SwiGLULinearFunction.apply(gate, up, weight, bias, float8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three matmuls of a block's projection y = x W^T + b (forward; dx = dy W; dW = dy^T x), in the training dtype
+# or in float8 (model.distributed.float8_matmuls). In float8 each is a @ b^T on operands cast with one float32 scale
+# per tensor from its current amax (dynamic scaling): a8 = round(a s_a), s_a = the format's max / max |a|, and
+#     a @ b^T = (a8 @ b8^T) / (s_a s_b)         products exact, summed in float32 (torch._scaled_mm), rounded once
+# x and W in e4m3 (3 mantissa bits, max 448), dy in GRAD_FLOAT8 (e5m2: BENCHMARKS.md). One cast writes the layouts
+# the matmuls read (x for y, x^T for dW). Nothing float8 lives from forward to backward, which casts again what the
+# bf16 path keeps: a block keeps the same activations. The embedding, the head and the loss stay in bf16.
+
+E4M3, GRAD_FLOAT8 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+@triton.jit
+def _float8_kernel(x_ptr, amax_ptr, y_ptr, yt_ptr, inv_ptr, R, C, FMAX: tl.constexpr, PLAIN: tl.constexpr,
+                   TRANSPOSED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """One program per BR x BC tile of x (R, C), in float32: a = max(amax, 1e-12), s = FMAX / a (IEEE division, as
+    the twin's), y = x * s held within +-FMAX and rounded to the nearest float8 (ties to even); stored as y (R, C)
+    and/or yt = y^T (C, R), both contiguous; program (0, 0) stores 1 / s = a / FMAX for the matmul."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)[:, None]
+    c = tl.program_id(1).to(tl.int64) * BC + tl.arange(0, BC)[None, :]
+    mask = (r < R) & (c < C)
+    a = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12)
+    x = tl.load(x_ptr + r * C + c, mask=mask, other=0.0).to(tl.float32)
+    y = tl.clamp(x * tl.math.div_rn(FMAX, a), -FMAX, FMAX).to(y_ptr.dtype.element_ty)
+    if PLAIN:
+        tl.store(y_ptr + r * C + c, y, mask=mask)
+    if TRANSPOSED:
+        tl.store(yt_ptr + c * R + r, y, mask=mask)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(inv_ptr, tl.math.div_rn(a, FMAX))
+
+
+def _float8_torch(x: torch.Tensor, dtype: torch.dtype, layouts: str = "N"):
+    """The twin of the cast, in torch ops: the same float32 arithmetic (tests check it bit for bit)."""
+    a = torch.linalg.vector_norm(x, float("inf")).float().clamp(min=1e-12)
+    fmax = torch.full_like(a, torch.finfo(dtype).max)  # a tensor: / by a number may multiply by its reciprocal
+    y = (x.float() * (fmax / a)).clamp(-fmax, fmax).to(dtype)
+    return [(y if layout == "N" else y.t().contiguous(), a / fmax) for layout in layouts]
+
+
+def _float8(x: torch.Tensor, dtype: torch.dtype, layouts: str = "N") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """x (R, C) cast to float8 `dtype` with one scale: a (data, 1 / scale) pair per letter of `layouts`, N: x (R, C),
+    T: x^T (C, R), both contiguous. The Triton kernel on a GPU or under the interpreter, else its twin."""
+    if not (x.is_cuda or INTERPRETED):
+        return _float8_torch(x, dtype, layouts)
+    if x.dtype == torch.float32 and len(layouts) > 1:  # Triton 3.6 writes wrong bytes into x^T when it casts a float32
+        return [pair for layout in layouts for pair in _float8(x, dtype, layout)]  # x to both at once (BENCHMARKS.md)
+    x, (R, C) = x.contiguous(), x.shape
+    amax = torch.linalg.vector_norm(x, float("inf"))  # max |x| in one pass, exact in x's dtype (one of its values)
+    y = torch.empty((R, C) if "N" in layouts else 0, dtype=dtype, device=x.device)
+    yt = torch.empty((C, R) if "T" in layouts else 0, dtype=dtype, device=x.device)
+    inv = torch.empty((), dtype=torch.float32, device=x.device)
+    br, bc, fmax = 64, 128, torch.finfo(dtype).max  # br x bc elements of x per program
+    _float8_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](x, amax, y, yt, inv, R, C, fmax, "N" in layouts,
+                                                             "T" in layouts, br, bc, num_warps=_num_warps(br * bc))
+    return [(y if layout == "N" else yt, inv) for layout in layouts]
+
+
+def _mm8(a, b, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """a @ b^T from two (data, 1 / scale) pairs, data (M, K) and (N, K) contiguous. fast_accum lets the tensor
+    cores keep the running sums at less than float32 precision: faster, used in the forward only (as torchao)."""
+    (a8, a_inv), (b8, b_inv) = a, b
+    if a8.is_cuda:
+        return torch._scaled_mm(a8, b8.t(), a_inv, b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    return ((a8.float() @ b8.float().t()) * (a_inv * b_inv)).to(out_dtype)  # the CPU: the same sums, in float32
+
+
+def _project(x: torch.Tensor, weights, biases, float8: bool) -> list[torch.Tensor]:
+    """[x @ w^T + b] for x (M, K) and each w (N, K), b (N,) or None: one input, several projections (cast once)."""
+    if not float8:
+        return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+    [x8] = _float8(x, E4M3)
+    ys = [_mm8(x8, _float8(w, E4M3)[0], x.dtype, fast_accum=True) for w in weights]
+    return [y if b is None else y.add_(b) for y, b in zip(ys, biases)]
+
+
+def _grad_input(douts, weights, float8: bool) -> torch.Tensor:
+    """sum_i douts[i] @ weights[i], the gradient of an input that fed several projections; with float8 each douts[i]
+    is what _float8(dout, GRAD_FLOAT8, "NT") returned."""
+    if not float8:
+        dx = douts[0] @ weights[0]
+        for d, w in zip(douts[1:], weights[1:]):
+            dx.addmm_(d, w)  # the sum over the projections accumulates in the matmul (float32 inside)
+        return dx
+    dx = _mm8(douts[0][0], _float8(weights[0], E4M3, "T")[0], weights[0].dtype)
+    for (d8, _), w in zip(douts[1:], weights[1:]):
+        dx.add_(_mm8(d8, _float8(w, E4M3, "T")[0], w.dtype))  # each term rounded once, to bf16: below float8 error
+    return dx
+
+
+def _grad_weights(douts, x: torch.Tensor, float8: bool) -> list[torch.Tensor]:
+    """[douts[i]^T @ x], the weight gradients of projections fed by x (M, K); douts as for _grad_input."""
+    if not float8:
+        return [d.t() @ x for d in douts]
+    [xt8] = _float8(x, E4M3, "T")
+    return [_mm8(dt8, xt8, x.dtype) for _, dt8 in douts]
+
+
+class Float8Linear(torch.autograd.Function):
+    """F.linear(x, weight, bias), its three matmuls in float8 (`Float8Linear.apply(x, weight, bias)`): the attention's
+    output projection, which no kernel fuses, and on the CPU every projection of the twins (model.py's `linear`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias, ctx.shape = bias is not None, x.shape
+        return _project(x2, [weight], [bias], True)[0].view(*x.shape[:-1], -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.reshape(x.shape[0], -1)
+        grads_in = [_float8(dy, GRAD_FLOAT8, "NT")]
+        dx = _grad_input(grads_in, [weight], True).view(ctx.shape)
+        return dx, _grad_weights(grads_in, x, True)[0], dy.sum(0) if ctx.has_bias else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,16 +151,21 @@ def rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def norm_linear_torch(x, norm_weight, eps: float, weights, biases) -> list[torch.Tensor]:
+def linear(x, weight, bias, float8: bool) -> torch.Tensor:
+    """F.linear, or with float8 kernels.Float8Linear: its matmuls in float8 (on the CPU, casts emulated by torch)."""
+    return (kernels.Float8Linear.apply if float8 else F.linear)(x, weight, bias)
+
+
+def norm_linear_torch(x, norm_weight, eps: float, weights, biases, float8=False) -> list[torch.Tensor]:
     """[linear(rms_norm(x), weights[i], biases[i])]: one norm feeding several projections (q, k, v; gate, up)."""
     y = rms_norm_torch(x, norm_weight, eps)
-    return [F.linear(y, w, b) for w, b in zip(weights, biases)]
+    return [linear(y, w, b, float8) for w, b in zip(weights, biases)]
 
 
-def swiglu_linear_torch(gate, up, weight, bias=None, act=F.silu) -> torch.Tensor:
+def swiglu_linear_torch(gate, up, weight, bias=None, act=F.silu, float8=False) -> torch.Tensor:
     """linear(act(gate) * up): the MLP after its gate and up projections, the product in float32, rounded once."""
     g = gate.to(torch.promote_types(gate.dtype, torch.float32))
-    return F.linear((act(g) * up.to(g.dtype)).to(gate.dtype), weight, bias)
+    return linear((act(g) * up.to(g.dtype)).to(gate.dtype), weight, bias, float8)
 
 
 def cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -187,15 +192,15 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (kernels.rotary if _kernels_on(x) else rotary_torch)(x, cos, sin)
 
 
-def norm_linear(x: torch.Tensor, norm: "RMSNorm", linears: list[nn.Linear]) -> list[torch.Tensor]:
+def norm_linear(x: torch.Tensor, norm: "RMSNorm", linears: list[nn.Linear], float8: bool) -> list[torch.Tensor]:
     fn = kernels.norm_linear if _kernels_on(x) else norm_linear_torch
-    return fn(x, norm.weight, norm.eps, [m.weight for m in linears], [m.bias for m in linears])
+    return fn(x, norm.weight, norm.eps, [m.weight for m in linears], [m.bias for m in linears], float8)
 
 
-def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, down: nn.Linear, activation: str) -> torch.Tensor:
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, down: nn.Linear, activation: str, float8: bool):
     if activation == "silu" and _kernels_on(gate):  # the kernel is SiLU's; other activations run the twin
-        return kernels.swiglu_linear(gate, up, down.weight, down.bias)
-    return swiglu_linear_torch(gate, up, down.weight, down.bias, ACTIVATIONS[activation])
+        return kernels.swiglu_linear(gate, up, down.weight, down.bias, float8)
+    return swiglu_linear_torch(gate, up, down.weight, down.bias, ACTIVATIONS[activation], float8)
 
 
 def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str) -> torch.Tensor:
@@ -257,9 +262,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: TransformerConfig, dtype: torch.dtype):
+    def __init__(self, config: TransformerConfig, dtype: torch.dtype, float8: bool):
         super().__init__()
-        h, d, bias = config.hidden_size, config.head_dim, config.add_linear_biases
+        h, d, bias, self.float8 = config.hidden_size, config.head_dim, config.add_linear_biases, float8
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.head_groups, d
         self.q_proj = nn.Linear(h, self.heads * d, bias=bias, dtype=dtype)
         self.k_proj = nn.Linear(h, self.kv_heads * d, bias=bias, dtype=dtype)
@@ -269,7 +274,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """attention(norm(x)), the norm fused into the q, k, v projections."""
         b, t, _ = x.shape
-        q, k, v = norm_linear(x, norm, [self.q_proj, self.k_proj, self.v_proj])
+        q, k, v = norm_linear(x, norm, [self.q_proj, self.k_proj, self.v_proj], self.float8)
         q = rotary(q.view(b, t, self.heads, self.head_dim), cos, sin)
         k = rotary(k.view(b, t, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(b, t, self.kv_heads, self.head_dim)
@@ -279,32 +284,32 @@ class Attention(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             is_causal=True, enable_gqa=self.kv_heads != self.heads,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return linear(y.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight, self.o_proj.bias, self.float8)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: TransformerConfig, dtype: torch.dtype):
+    def __init__(self, config: TransformerConfig, dtype: torch.dtype, float8: bool):
         super().__init__()
         h, f, bias = config.hidden_size, config.ffn_size, config.add_linear_biases
-        self.activation = config.activation
+        self.activation, self.float8 = config.activation, float8
         self.gate_proj = nn.Linear(h, f, bias=bias, dtype=dtype)
         self.up_proj = nn.Linear(h, f, bias=bias, dtype=dtype)
         self.down_proj = nn.Linear(f, h, bias=bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """down(act(gate(norm(x))) * up(norm(x))), the norm fused into gate and up."""
-        gate, up = norm_linear(x, norm, [self.gate_proj, self.up_proj])
-        return swiglu_linear(gate, up, self.down_proj, self.activation)
+        gate, up = norm_linear(x, norm, [self.gate_proj, self.up_proj], self.float8)
+        return swiglu_linear(gate, up, self.down_proj, self.activation, self.float8)
 
 
 class Block(nn.Module):
-    def __init__(self, config: TransformerConfig, dtype: torch.dtype):
+    def __init__(self, config: TransformerConfig, dtype: torch.dtype, float8: bool):
         super().__init__()
         eps = config.normalization.epsilon
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
-        self.self_attn = Attention(config, dtype)
+        self.self_attn = Attention(config, dtype, float8)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
-        self.mlp = MLP(config, dtype)
+        self.mlp = MLP(config, dtype, float8)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(x, self.input_layernorm, cos, sin)
@@ -314,7 +319,7 @@ class Block(nn.Module):
 class Llama(nn.Module):
     """Build on the meta device (`with torch.device("meta"): Llama(...)`), then `init_weights(device)`."""
 
-    def __init__(self, config: BaseModelConfig, max_sequence_length: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: BaseModelConfig, max_sequence_length: int, dtype=torch.float32, float8: bool = False):
         super().__init__()
         self.config, self.max_sequence_length = config, max_sequence_length
         # The first this many blocks keep only their input and recompute the rest in backward. The
@@ -322,7 +327,7 @@ class Llama(nn.Module):
         self.recompute_layers = 0
         t = config.transformer
         self.embed_tokens = nn.Embedding(config.vocab_size, t.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(Block(t, dtype) for _ in range(t.num_layers))
+        self.layers = nn.ModuleList(Block(t, dtype, float8) for _ in range(t.num_layers))
         self.norm = RMSNorm(t.hidden_size, t.normalization.epsilon, dtype)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(t.hidden_size, config.vocab_size, bias=False, dtype=dtype)

@@ -126,6 +126,7 @@ class MultiStageConfig:
 @dataclass
 class DistributedConfig:
     training_dtype: str = "float32"  # float32 (fp32), bf16 (bfloat16), float16 (fp16); masters stay float32
+    float8_matmuls: bool = False  # (ours) the blocks' projections multiply in float8 (kernels.py, README: when)
     seed: int = 1234  # Fast-LLM's key: weight init and every random choice of the run
 
 
@@ -301,7 +302,7 @@ def merge(base: dict, over: dict, path: str, notes: list) -> dict:
 
 def validate(c: Config, world_size: int) -> list[str]:
     """What is wrong with values that the types alone don't rule out."""
-    t, lr, o = c.training, c.optimizer.learning_rate, c.optimizer
+    t, lr, o, m = c.training, c.optimizer.learning_rate, c.optimizer, c.model.base_model.transformer
     checks = [
         (t.train_iters is None or t.train_iters < 1,
          f"training.train_iters is required and must be at least 1, got {t.train_iters}"),
@@ -339,6 +340,11 @@ def validate(c: Config, world_size: int) -> list[str]:
          "the weights too, is not implemented; 2 trains the same model)"),
         (c.model.distributed.training_dtype not in DTYPES,
          f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of {', '.join(DTYPES)}"),
+        (c.model.distributed.float8_matmuls
+         and any(n % 16 for n in (m.hidden_size, m.ffn_size, m.head_groups * m.head_dim,
+                                  c.batch.micro_batch_size * c.batch.sequence_length)),
+         "model.distributed.float8_matmuls needs multiples of 16 (torch._scaled_mm's): transformer.hidden_size, "
+         "ffn_hidden_size, head_groups x the head dimension, and batch.micro_batch_size x sequence_length"),
         (c.run.experiment_dir is None, "run.experiment_dir is required"),
         (c.pretrained is not None and (c.pretrained.format != "llama" or not c.pretrained.path),
          "pretrained.format must be `llama` and pretrained.path is required"),
@@ -840,6 +846,8 @@ def recompute_layers(config: Config, device: torch.device) -> int:
         loss = (2**29 + recomputed if m.cross_entropy_impl != "torch"  # kernels.LOGITS_CHUNK_BYTES, grad of hidden
                 else 16 * tokens * m.vocab_size)  # the full logits, float32 copies and their gradient
         backward = tokens * itemsize * (t.ffn_size + 2 * t.hidden_size) + 3 * itemsize * t.ffn_size * t.hidden_size
+        if config.model.distributed.float8_matmuls:  # gate's and up's output gradients in float8, in both layouts
+            backward += tokens * (4 * t.ffn_size + t.hidden_size) + t.ffn_size * t.hidden_size
         return free - head * itemsize - max(loss, backward) - staging - 1e9 - 0.02 * total, kept, recomputed
 
     def kept_blocks(micro_batch: int) -> int:  # below 1: it doesn't fit even recomputing every block
@@ -1053,18 +1061,21 @@ class Trainer:
 
     def __init__(self, config: Config, rank: int, world: int, device: torch.device):
         self.config, self.rank, self.world, self.device = config, rank, world, device
-        t, b, m = config.training, config.batch, config.model.base_model
+        t, b, m, d = config.training, config.batch, config.model.base_model, config.model.distributed
         self.exp = Path(config.run.experiment_dir)
         if problem := experiment_dir_problem(self.exp):
             raise ConfigError(problem)
         if m.cross_entropy_impl == "fused" and (problem := fused_cross_entropy_problem(device)):
             raise ConfigError(problem)
+        if d.float8_matmuls and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ConfigError("model.distributed.float8_matmuls needs float8 tensor cores (compute capability 8.9 or "
+                              f"more: H100, H200); {torch.cuda.get_device_name(device)} has none: set it false")
         self.checkpoint, self.state = choose_checkpoint(self.exp, config, rank, world)
 
         # Model: built on meta, materialized and initialized on the device, the same on every rank.
         torch.manual_seed(config.model.distributed.seed)
         with torch.device("meta"):
-            self.model = Llama(m, b.sequence_length, DTYPES[config.model.distributed.training_dtype])
+            self.model = Llama(m, b.sequence_length, DTYPES[d.training_dtype], d.float8_matmuls)
         self.model.init_weights(device)
         source = f"the initialization (model.base_model.transformer.init_method_std {m.transformer.std})"
         if config.pretrained is not None and config.pretrained.model_weights and self.checkpoint is None:

@@ -9,6 +9,9 @@
 #                                of an 8-rank seed (cap from bench/activations.py cap), and with a 40 GB cap; ours
 #                                against transformers eager and torch.compile (bench/activations.py speed)
 #   bash bench/gpu.sh overhead   the proxy's step time, this tree against an older one in .device/base
+#   bash bench/gpu.sh issue14 DATA  gpu-marked tests; float8 against bf16: the cast, the matmuls, one block and the
+#                                1-GPU proxy (bench/float8.py speed); convergence of a 61M Llama on the demo dataset
+#                                whose JSON is DATA (bench/float8.py converge); the proxy by train.py, bf16 and float8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
@@ -51,5 +54,14 @@ overhead)
       (cd $tree && timeout 120 python train.py $proxy training.train_iters=12 run.experiment_dir=/tmp/o$round${tree//\//_} \
         2>&1 | grep -E "^step [0-9]+/" | sed "s|^|$tree round $round: |") | tee -a "$OUT/overhead.txt"
     done
+  done ;;
+issue14)
+  timeout 140 python -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+  timeout 140 python bench/float8.py speed 2>&1 | tee "$OUT/speed.md"
+  timeout 140 python bench/float8.py converge "$2" 2>"$OUT/converge_log.txt" | tee "$OUT/converge.md"
+  for f8 in false true; do
+    timeout 70 python train.py $seed model.base_model.transformer.num_layers=4 batch.batch_size=16 \
+      model.base_model.recompute_layers=0 model.distributed.float8_matmuls=$f8 training.train_iters=7 \
+      run.experiment_dir=/tmp/p$f8 2>&1 | grep -E "^(step|starting|error)|Error|error:" | tee -a "$OUT/proxy.txt"
   done ;;
 esac

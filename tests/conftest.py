@@ -26,6 +26,17 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     _interpreter._patch_lang_tensor = _patch_lang_tensor
 
+    # Its float32 -> float8 conversion drops the carry of a rounding into the exponent (x.96 * 2^e lands on 2^e, not
+    # 2^(e+1)) and rounds half up. The float8 cast kernel (kernels.py) converts float32 values only; let torch round
+    # those, to the nearest and ties to even, as the GPU does.
+    def _convert_float(data, src, dst, rounding_mode, _convert=_interpreter._convert_float):
+        if dst.is_fp8() and src.is_fp32():
+            fp8 = {"fp8e4nv": torch.float8_e4m3fn, "fp8e5": torch.float8_e5m2}[dst.name]
+            return torch.from_numpy(data.astype("float32")).to(fp8).view(torch.uint8).numpy()
+        return _convert(data, src, dst, rounding_mode)
+
+    _interpreter._convert_float = _convert_float
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

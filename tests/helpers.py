@@ -19,12 +19,13 @@ def llama_config(layers=2, hidden=64, heads=4, kv=2, head_dim=None, ffn=None, vo
                                rotary=RotaryConfig(scaling, original_context_length=context)))
 
 
-def build_llama(config: BaseModelConfig, sequence_length: int, dtype=torch.float32, device="cpu", seed=None) -> Llama:
+def build_llama(config: BaseModelConfig, sequence_length: int, dtype=torch.float32, device="cpu", seed=None,
+                float8=False) -> Llama:
     """Built on meta and initialized as train.py does it, from `seed` when one is given."""
     if seed is not None:
         torch.manual_seed(seed)
     with torch.device("meta"):
-        model = Llama(config, sequence_length, dtype)
+        model = Llama(config, sequence_length, dtype, float8)
     return model.init_weights(device)
 
 

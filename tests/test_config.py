@@ -88,6 +88,8 @@ run: {experiment_dir: EXP}
     (["training.export.format=gguf"], "training.export.format `gguf` is not supported"),
     (["run.experiment_dir=null"], "run.experiment_dir is required"),
     (["model.base_model.cross_entropy_impl=triton"], "cross_entropy_impl `triton` must be auto, torch or fused"),
+    (["model.distributed.float8_matmuls=true", "model.base_model.transformer.ffn_hidden_size=1000"],
+     "model.distributed.float8_matmuls needs multiples of 16"),
 ])
 def test_impossible_values(tmp_path, overrides, message):
     assert message in error(tmp_path, BASE, overrides)

@@ -38,9 +38,10 @@ SHAPES = [
 ]
 
 
-def block_and_input(shape: dict, device: str, dtype: torch.dtype, batch: int = 2, tokens: int = 16, hidden: int = 64):
+def block_and_input(shape: dict, device: str, dtype: torch.dtype, batch: int = 2, tokens: int = 16, hidden: int = 64,
+                    float8: bool = False):
     config = llama_config(layers=1, hidden=hidden, **{"heads": 4, "kv": 2, **shape})
-    net = build_llama(config, tokens, dtype, device, seed=0)
+    net = build_llama(config, tokens, dtype, device, seed=0, float8=float8)
     x = torch.randn(batch, tokens, hidden, device=device, dtype=dtype)
     return net, x
 
@@ -52,14 +53,15 @@ def block_bytes_per_token(net, x, recompute: bool = False) -> float:
     return sum(saved_storages(run, net).values()) / (x.shape[0] * t)
 
 
+@pytest.mark.parametrize("float8", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_block_keeps_only_what_its_backward_needs(shape, monkeypatch):
+def test_block_keeps_only_what_its_backward_needs(shape, float8, monkeypatch):
     """With the kernels (under Triton's interpreter on the CPU), a block saves its input and the residual
     stream after attention, q, k, v after rotary, the attention output, gate and up, each once, and the
     float32 statistics: exactly `activation_bytes` per token. The normalized inputs of the projections and
-    SwiGLU's product are recomputed in backward, not kept."""
+    SwiGLU's product are recomputed in backward, not kept; float8 keeps nothing more (it casts again)."""
     monkeypatch.setattr(model, "_kernels_on", lambda x: True)
-    net, x = block_and_input(shape, "cpu", torch.bfloat16)
+    net, x = block_and_input(shape, "cpu", torch.bfloat16, float8=float8)
     x.requires_grad_()
     assert block_bytes_per_token(net, x) == net.config.transformer.activation_bytes(2)
     # A recomputed block keeps its input alone.
@@ -83,11 +85,12 @@ def test_block_with_kernels_matches_twins(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_block_keeps_only_what_its_backward_needs_gpu():
+@pytest.mark.parametrize("float8", [False, True])
+def test_block_keeps_only_what_its_backward_needs_gpu(float8):
     """The same count on the GPU at 8B-like head shapes, with the attention kernels SDPA picks there
     (their saved random-number state adds a few bytes per call, not per token)."""
     net, x = block_and_input(dict(heads=8, kv=2, head_dim=128, ffn=3584), "cuda", torch.bfloat16,
-                             batch=2, tokens=2048, hidden=1024)
+                             batch=2, tokens=2048, hidden=1024, float8=float8)
     x.requires_grad_()
     per_token = net.config.transformer.activation_bytes(2)
     extra = (block_bytes_per_token(net, x) - per_token) * x.shape[0] * x.shape[1]

@@ -203,6 +203,16 @@ def test_fused_cross_entropy_where_it_cannot_run_is_a_clear_error(setup, capsys,
     assert train.main([str(config), "model.base_model.cross_entropy_impl=auto", "training.train_iters=1"]) == 0
 
 
+def test_float8_on_a_gpu_without_float8_tensor_cores_is_a_clear_error(setup, monkeypatch):
+    config, exp = setup
+    monkeypatch.setattr(train.torch.cuda, "get_device_capability", lambda device: (8, 0))
+    monkeypatch.setattr(train.torch.cuda, "get_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    c = train.load_config(str(config), ["model.distributed.float8_matmuls=true"])
+    with pytest.raises(train.ConfigError, match="needs float8 tensor cores .* A100-SXM4-80GB has none: set it false"):
+        train.Trainer(c, 0, 1, train.torch.device("cuda"))
+    assert not exp.exists()
+
+
 def test_continuing_from_a_transformers_model_starts_at_its_loss(setup, tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
