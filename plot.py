@@ -64,6 +64,7 @@ def plot(exp: Path, output: Path) -> Path:
     ax_lr.grid(alpha=0.3)
     ax_speed.plot([tokens(l) for l in train], [l["tokens_per_s"] / 1e3 for l in train], color="tab:purple")
     ax_speed.set_ylabel("k tokens/s")
+    ax_speed.set_ylim(bottom=0)  # from zero, so that noise does not look like a slowdown
     ax_speed.set_xlabel("tokens seen (millions)")
     ax_speed.grid(alpha=0.3)
     fig.tight_layout()
