@@ -726,6 +726,14 @@ def all_ok(ok: bool) -> bool:
     return flag.item() == 0
 
 
+def agree(error: Exception | None, what: str, cleanup=lambda: None) -> None:
+    """A collective: if writing `what` failed on any rank, every rank cleans up and raises one CheckpointError."""
+    if not all_ok(error is None):
+        cleanup()
+        raise CheckpointError(f"could not write {what}: {error or 'another rank failed to write'}. Nothing of it "
+                              "was kept; the earlier checkpoints are intact.")
+
+
 def save_checkpoint(exp: Path, model, optimizer, state: TrainerState, config: Config, rank: int, world: int):
     root = exp / "checkpoints"
     tmp, final = root / f".tmp-{state.step}", root / str(state.step)
@@ -755,22 +763,16 @@ def save_checkpoint(exp: Path, model, optimizer, state: TrainerState, config: Co
         gathered = [None] * world
         dist.all_gather_object(gathered, manifest)
         manifest = {k: v for part in gathered for k, v in part.items()}
-    if not all_ok(error is None):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {error or 'another rank failed to write'}. "
-                              "Nothing of it was kept; the previous checkpoints are intact.")
+    remove_tmp = lambda: rank == 0 and shutil.rmtree(tmp, ignore_errors=True)  # noqa: E731
+    agree(error, f"checkpoint {final}", remove_tmp)
     if rank == 0:
         try:
             write_file(tmp / "manifest.json", [json.dumps(manifest, indent=1).encode()])
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             error = e
-    if not all_ok(error is None):
-        raise CheckpointError(f"could not write checkpoint {final}: {error or 'rank 0 failed to write'}. "
-                              "Nothing of it was kept; the previous checkpoints are intact.")
+    agree(error, f"checkpoint {final}", remove_tmp)
     if rank == 0:
         rotate(exp, config.training.checkpoint.keep)
     barrier()
@@ -1279,9 +1281,7 @@ class Trainer:
                 self.log(f"step {step} | exported to {out}")
             except OSError as e:
                 error = e
-        if not all_ok(error is None):
-            raise CheckpointError(f"could not write the export of step {step}: {error or 'on rank 0'}. Nothing of it "
-                                  "was kept; the checkpoints are intact.")
+        agree(error, f"the export of step {step}")
 
     def write_checkpoint(self) -> None:
         self.state.consumed = {s: loader.consumed_samples for s, loader in self.loaders.items()}
