@@ -11,7 +11,10 @@ module is imported (the tests do so). Conventions in every kernel:
     sidesteps the interpreter, which gets bf16 arithmetic wrong);
   - a row's offset is row * row_length in int64: rows x row length can pass 2^31.
 """
+import importlib.metadata
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -517,3 +520,41 @@ def cross_entropy(hidden, weight, labels, chunk_tokens: int | None = None) -> to
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         return _fused_cross_entropy(hidden, weight, labels, False, False, chunk_tokens)[0]  # the loss alone
     return FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# This module's name is also Hugging Face's `kernels` package (hub kernels), which transformers 5.x requires and
+# imports when it loads a model. With this folder first on sys.path (every script here, pytest, a user's script run
+# from this folder) `import kernels` finds this file, so this module serves that package too: its submodules load
+# from the package's own folder (`__path__`) and its names, none of which are ours, resolve on first use
+# (`__getattr__`, PEP 562) by running the package's `__init__.py` once. Training never loads it.
+
+
+def _hub_kernels_init() -> Path | None:
+    """The installed Hugging Face `kernels` package's __init__.py, or None."""
+    try:
+        init = Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return init if init.is_file() and init.resolve() != Path(__file__).resolve() else None
+
+
+_HUB_INIT = _hub_kernels_init() if __name__ == "kernels" else None
+_hub = None  # the package's namespace, once a name of it was asked for
+if _HUB_INIT is not None:
+    __path__ = [str(_HUB_INIT.parent)]
+
+
+def __getattr__(name: str):
+    global _hub
+    if _HUB_INIT is None or (name.startswith("_") and name not in ("__version__", "__all__")):
+        raise AttributeError(f"module {__name__!r} ({__file__}) has no attribute {name!r}")
+    if _hub is None:
+        spec = importlib.util.spec_from_file_location(__name__, _HUB_INIT, submodule_search_locations=__path__)
+        _hub = importlib.util.module_from_spec(spec)  # set first: the package may ask for its names while it loads
+        try:
+            spec.loader.exec_module(_hub)  # its `from kernels._internals... import` find the submodules by __path__
+        except BaseException:
+            _hub = None
+            raise
+    return getattr(_hub, name)

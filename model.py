@@ -8,8 +8,10 @@ SwiGLU with the down projection, the cross-entropy over a 128k vocabulary) are t
 `*_torch` below; `kernels.py` holds Triton versions of them that the tests compare against these twins.
 The model knows nothing of distribution or optimizers: `train.py` and `zero.py` apply those.
 """
+import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +21,11 @@ import torch.utils.checkpoint
 
 try:
     import kernels  # needs Triton; without it the model runs on the pure-torch twins below
+    if not hasattr(kernels, "IGNORE_INDEX"):  # Hugging Face's `kernels`, imported before this folder was on sys.path
+        spec = importlib.util.spec_from_file_location("llama_kernels", os.path.join(os.path.dirname(__file__),
+                                                                                   "kernels.py"))
+        kernels = sys.modules["llama_kernels"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(kernels)
 except ImportError:
     kernels = None
 

@@ -4,6 +4,7 @@ Without a GPU the Triton kernels run under Triton's interpreter, which must be s
 `kernels.py` defines them, so it is set here, before any test module imports the project.
 Tests that need CUDA are marked `gpu` and skipped without one (`pytest -m gpu` on a GPU machine).
 """
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,18 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def pytest_report_header(config):
+    """The versions pip chose: the suite's results depend on them (transformers is the reference Llama)."""
+    names = ("torch", "triton", "numpy", "transformers", "kernels", "tokenizers", "safetensors")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return "versions: " + ", ".join(found)
 
 
 def pytest_configure(config):

@@ -4,7 +4,6 @@ Llama like 1 process with the same global batch; checkpoints re-shard between 2 
 The 2-process runs happen once per module (the `runs` fixture), in processes started with
 torch.multiprocessing; they write their results to files the tests then compare.
 """
-import math
 import re
 from datetime import timedelta
 
@@ -116,14 +115,18 @@ def test_world_size_1_is_torch_adamw(stage):
             (ref(*micro_batch(step, m)) / 2).backward()
         assert all(p.grad is None for p in model.parameters())  # gradients live in the optimizer's buffers
         norm = take_step(opt, lr, clip)
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip if clip > 0 else math.inf)
+        ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
+        assert norm == pytest.approx(ref_norm.item(), rel=1e-6)  # summed in another order: the last bit may differ
+        if step == 1:
+            assert norm > 10 * clip  # the clipping is really active
+        # Clipped by the same norm, the update is AdamW's bit for bit. (Clipped by torch's own norm, a last-bit
+        # difference in the coefficient grows through a gradient element that nearly cancels: 2e-6 by step 3.)
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(ref.parameters(), clip, torch.tensor(norm))
         for group in ref_opt.param_groups:
             group["lr"] = lr
         ref_opt.step()
-        assert norm == pytest.approx(ref_norm.item(), rel=1e-6)
-        if step == 1:
-            assert norm > 10 * clip  # the clipping is really active
-        assert_close_weights(weights(model), weights(ref), atol=1e-6)
+        assert_close_weights(weights(model), weights(ref), atol=0)
     assert opt.step_count == ref_opt.state[decay[0]]["step"].item() == len(LRS)
 
 
