@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def pytest_report_header(config):
-    """The versions pip chose: the suite's results depend on them (transformers is the reference Llama)."""
+def pytest_terminal_summary(terminalreporter):
+    """The versions pip chose, after the results (which depend on them: transformers is the reference Llama)."""
     names = ("torch", "triton", "numpy", "transformers", "kernels", "tokenizers", "safetensors")
     found = []
     for name in names:
@@ -51,7 +51,7 @@ def pytest_report_header(config):
             found.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             found.append(f"{name} not installed")
-    return "versions: " + ", ".join(found)
+    terminalreporter.write_line("versions: " + ", ".join(found))
 
 
 def pytest_configure(config):
