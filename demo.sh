@@ -3,6 +3,6 @@
 # the loss curves (experiments/tiny/metrics.png) when matplotlib is installed.
 # Extra arguments go to train.py as overrides, e.g.  bash demo.sh training.train_iters=40
 source "$(dirname "$0")/scripts/setup.sh" requirements.txt
-[ -f data/demo/fast_llm_dataset.json ] || python data.py prepare --demo --output data/demo
+[ -f data/demo/fast_llm_dataset.json ] || python prepare.py --demo --output data/demo
 python train.py config/tiny.yaml "$@"
 if python -c "import matplotlib" 2>/dev/null; then python plot.py experiments/tiny; fi

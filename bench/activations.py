@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import kernels  # noqa: E402
+import schema  # noqa: E402
 import train  # noqa: E402
 from model import Llama, count_parameters  # noqa: E402
 from zero import ZeroAdamW  # noqa: E402
@@ -34,7 +35,7 @@ H100_80GB = 81559 * 2**20  # nvidia-smi's memory.total of an H100 80GB HBM3 (ben
 
 
 def seed_model_config(layers: int):
-    return train.load_config(SEED, [f"model.base_model.transformer.num_layers={layers}"]).model.base_model
+    return schema.load_config(SEED, [f"model.base_model.transformer.num_layers={layers}"]).model.base_model
 
 
 def build_ours(layers: int) -> Llama:

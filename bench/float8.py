@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import activations  # noqa: E402
 import kernels  # noqa: E402
+import schema  # noqa: E402
 import train  # noqa: E402
 from model import Llama, count_parameters, flops_per_token  # noqa: E402
 
@@ -54,7 +55,7 @@ def converge(data: str, steps: int = 400):
     root, device, checks = Path(tempfile.mkdtemp()), torch.device("cuda" if torch.cuda.is_available() else "cpu"), []
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     with torch.device("meta"):
-        n = count_parameters(Llama(train.load_config(str(ROOT / "config" / "tiny.yaml"), base).model.base_model, 256))
+        n = count_parameters(Llama(schema.load_config(str(ROOT / "config" / "tiny.yaml"), base).model.base_model, 256))
     print(f"## Convergence: {n:,} parameters, demo data, {steps} steps of 16 x 256 tokens, bf16 weights ({card})\n")
     print("| run | " + " | ".join(f"val loss at {s}" for s in range(100, steps + 1, 100)) + " | train loss, last 50 "
           "steps | final val - bf16's | tokens/s, last 50 steps | wall |")
@@ -62,7 +63,7 @@ def converge(data: str, steps: int = 400):
     for name, float8, grad, seed in runs:
         kernels.GRAD_FLOAT8 = grad or torch.float8_e5m2
         exp = root / name.replace(" ", "_").replace(",", "")
-        config = train.load_config(str(ROOT / "config" / "tiny.yaml"), base + [f"run.experiment_dir={exp}",
+        config = schema.load_config(str(ROOT / "config" / "tiny.yaml"), base + [f"run.experiment_dir={exp}",
                                    f"model.distributed.float8_matmuls={float8}", f"model.distributed.seed={seed}"])
         t0 = time.perf_counter()
         trainer = train.Trainer(config, 0, 1, device)

@@ -20,7 +20,7 @@ seed="config/llama3_8b.yaml data.format=random training.validation.interval=null
 case "$1" in
 checks)
   timeout 180 python -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
-  (python data.py prepare --demo --output /tmp/demo >/dev/null && python train.py config/tiny.yaml data.path=/tmp/demo/fast_llm_dataset.json run.experiment_dir=/tmp/tiny) 2>&1 | tail -8 | tee "$OUT/tiny.txt"
+  (python prepare.py --demo --output /tmp/demo >/dev/null && python train.py config/tiny.yaml data.path=/tmp/demo/fast_llm_dataset.json run.experiment_dir=/tmp/tiny) 2>&1 | tail -8 | tee "$OUT/tiny.txt"
   python bench/ceilings.py | tee "$OUT/ceilings.txt"
   for n in 1 2 4; do
     torchrun --standalone --nproc_per_node=$n train.py $seed model.base_model.transformer.num_layers=4 \

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import Config, ConfigError, LearningRateConfig, learning_rate, load_config
+from schema import Config, ConfigError, LearningRateConfig, load_config
+from train import learning_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "config" / "llama3_8b.yaml"

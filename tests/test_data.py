@@ -1,4 +1,4 @@
-"""data.py: the memmap format, the dataset JSON, splits, blends, sampling, the loader, `prepare`."""
+"""data.py: the memmap format, the dataset JSON, splits, blends, sampling, the loader; prepare.py."""
 
 import json
 import re
@@ -14,9 +14,12 @@ import torch
 import yaml
 
 import data
+import prepare
+import schema
 import train
-from data import SPLITS, Data, DataConfig, DataError, Loader, MemmapDataset, SamplingConfig, write_dataset
+from data import SPLITS, Data, DataConfig, DataError, Loader, MemmapDataset, SamplingConfig
 from model import Llama
+from prepare import write_dataset
 from test_model import build as build_model
 from test_train import CONFIG as TRAIN_CONFIG, metrics as train_metrics
 
@@ -686,7 +689,7 @@ def test_step_loss_is_the_mean_over_labelled_tokens_however_the_batch_is_cut(tmp
     runs = [run_train(tmp_path, path, *once, f"batch.micro_batch_size={micro}") for micro in (1, 4)]
     (loss_1, loss_4), (norm_1, norm_4) = ([train_metrics(e, key)[1] for e in runs] for key in ("loss", "grad_norm"))
     # By hand: the batch's labelled tokens, scored by the model as train.py initializes it.
-    config = train.load_config(str(tmp_path / "exp0.yaml"), ["data.sampling.use_loss_masking_spans=true"])
+    config = schema.load_config(str(tmp_path / "exp0.yaml"), ["data.sampling.use_loss_masking_spans=true"])
     d = Data(config.data, 32, 64, seed=config.model.distributed.seed)
     tokens, ignored = d.samples("train", 0, 4), torch.from_numpy(d.ignored("train", 0, 4))
     assert 0 < ignored.sum() and len(set(ignored.sum(1).tolist())) > 1  # micro-batches of unequal labelled tokens
@@ -704,7 +707,7 @@ def test_step_loss_is_the_mean_over_labelled_tokens_however_the_batch_is_cut(tmp
 
 
 def run_prepare(*args):
-    return subprocess.run([sys.executable, str(ROOT / "data.py"), "prepare", *map(str, args)],
+    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
@@ -777,7 +780,7 @@ def test_prepare_trains_bpe_on_input(tmp_path):
 def prepare_error(*args) -> str:
     """Run `prepare` in this process (a subprocess costs a second of imports); return its error message."""
     with pytest.raises(SystemExit) as exit_:
-        data.main(["prepare", *map(str, args)])
+        prepare.main([*map(str, args)])
     assert isinstance(exit_.value.code, str) and exit_.value.code.startswith("error: ")
     return exit_.value.code
 
@@ -817,7 +820,7 @@ def test_prepare_parquet(demo, tmp_path, monkeypatch):
 
     pyarrow.parquet.write_table(pyarrow.table({"body": ["Good morrow.", "Farewell."]}), tmp_path / "a.parquet")
     assert "no column 'text'" in prepare_error("--input", tmp_path / "a.parquet", "--output", tmp_path / "out")
-    data.main(["prepare", "--input", str(tmp_path / "a.parquet"), "--text-field", "body", "--tokenizer",
+    prepare.main(["--input", str(tmp_path / "a.parquet"), "--text-field", "body", "--tokenizer",
                str(demo / "tokenizer.json"), "--output", str(tmp_path / "out"), "--workers", "1"])
     ds = MemmapDataset(tmp_path / "out" / "shard_0")
     assert ds.num_documents == 2
@@ -850,10 +853,10 @@ def test_prepare_refuses_to_overwrite(demo, tmp_path):
 def test_prepare_fast_llm_format(demo, tmp_path):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"Speech {i}: once more unto the breach."}) + "\n"
                                                for i in range(5)))
-    args = ["prepare", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(demo / "tokenizer.json"),
+    args = ["--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(demo / "tokenizer.json"),
             "--workers", "1", "--shard-tokens", "30"]
-    data.main([*args, "--output", str(tmp_path / "fl"), "--format", "fast_llm"])
-    data.main([*args, "--output", str(tmp_path / "mm")])  # the default: .bin/.idx pairs and our JSON
+    prepare.main([*args, "--output", str(tmp_path / "fl"), "--format", "fast_llm"])
+    prepare.main([*args, "--output", str(tmp_path / "mm")])  # the default: .bin/.idx pairs and our JSON
     names = sorted(p.name for p in (tmp_path / "fl").iterdir())
     assert names == ["fast_llm_config.yaml", "shard_0.fast_llm_dataset", "shard_1.fast_llm_dataset",
                      "shard_2.fast_llm_dataset", "tokenizer.json"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import export
 import train
 from test_train import ROOT, Killed, metrics, setup, torchrun  # noqa: F401 (setup is a fixture)
@@ -80,7 +81,7 @@ def test_non_finite_weights_never_rotate_out_the_last_finite_checkpoint(setup, m
 
     monkeypatch.setattr(ZeroAdamW, "update", blow_up_at_step_7)
     assert train.main([str(config), "training.max_skipped_steps=10"]) == 0  # steps 8 to 12 skipped
-    assert train.checkpoint_steps(exp) == [12, 9, 6]  # keep 2, and the newest finite one
+    assert checkpoint.checkpoint_steps(exp) == [12, 9, 6]  # keep 2, and the newest finite one
     finite = {s: json.loads((exp / "checkpoints" / str(s) / "trainer.json").read_text())["weights_finite"]
               for s in (12, 9, 6)}
     assert finite == {12: False, 9: False, 6: True}
@@ -89,7 +90,7 @@ def test_non_finite_weights_never_rotate_out_the_last_finite_checkpoint(setup, m
     assert train.main([str(config), "training.train_iters=14"]) == 0
     err = capsys.readouterr().err
     assert "checkpoints/12 holds non-finite weights" in err and "checkpoints/9 holds non-finite weights" in err
-    assert sorted(metrics(exp, "loss")) == list(range(1, 15)) and train.checkpoint_steps(exp) == [14, 12]
+    assert sorted(metrics(exp, "loss")) == list(range(1, 15)) and checkpoint.checkpoint_steps(exp) == [14, 12]
 
 
 def test_a_bad_step_is_skipped_and_training_goes_on(setup, monkeypatch):
@@ -162,10 +163,10 @@ def test_rotation_keeps_the_newest_finite_checkpoint(tmp_path):
         folder = tmp_path / "checkpoints" / str(step)
         folder.mkdir(parents=True)
         (folder / "trainer.json").write_text(json.dumps({"weights_finite": finite}))
-    train.rotate(tmp_path, keep=2)
-    assert train.checkpoint_steps(tmp_path) == [12, 9, 6]
-    train.rotate(tmp_path, keep=1)
-    assert train.checkpoint_steps(tmp_path) == [12, 6]
+    checkpoint.rotate(tmp_path, keep=2)
+    assert checkpoint.checkpoint_steps(tmp_path) == [12, 9, 6]
+    checkpoint.rotate(tmp_path, keep=1)
+    assert checkpoint.checkpoint_steps(tmp_path) == [12, 6]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,20 +232,20 @@ def test_resume_needs_no_pretrained_folder(setup, tmp_path, monkeypatch):
 def test_keep_holds_after_a_kill_during_the_final_checkpoint(setup, monkeypatch):
     config, exp = setup
 
-    real = train.rotate
+    real = checkpoint.rotate
 
     def killed(exp, keep):  # killed right after the final checkpoint appeared
-        if train.checkpoint_steps(exp)[:1] == [12]:
+        if checkpoint.checkpoint_steps(exp)[:1] == [12]:
             raise Killed()
         real(exp, keep)
 
-    monkeypatch.setattr(train, "rotate", killed)
+    monkeypatch.setattr(checkpoint, "rotate", killed)
     with pytest.raises(Killed):
         train.main([str(config)])
-    assert train.checkpoint_steps(exp) == [12, 9, 6]
+    assert checkpoint.checkpoint_steps(exp) == [12, 9, 6]
     monkeypatch.undo()
     assert train.main([str(config)]) == 0
-    assert train.checkpoint_steps(exp) == [12, 9]  # keep: 2
+    assert checkpoint.checkpoint_steps(exp) == [12, 9]  # keep: 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,19 +254,19 @@ def test_keep_holds_after_a_kill_during_the_final_checkpoint(setup, monkeypatch)
 
 def test_full_disk_during_a_checkpoint_is_a_clear_error(setup, monkeypatch, capsys):
     config, exp = setup
-    real = train.write_file
+    real = checkpoint.write_file
 
     def full(path, chunks):
         if ".tmp-9" in str(path) and "model" in path.name:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, chunks)
 
-    monkeypatch.setattr(train, "write_file", full)
+    monkeypatch.setattr(checkpoint, "write_file", full)
     assert train.main([str(config)]) == 2
     err = capsys.readouterr().err
     assert "could not write checkpoint" in err and "No space left on device" in err and "Traceback" not in err
-    assert train.checkpoint_steps(exp) == [6, 3] and not (exp / "checkpoints" / ".tmp-9").exists()
-    assert train.damage(exp / "checkpoints" / "6", 0, 1) is None  # the previous one is intact
+    assert checkpoint.checkpoint_steps(exp) == [6, 3] and not (exp / "checkpoints" / ".tmp-9").exists()
+    assert checkpoint.damage(exp / "checkpoints" / "6", 0, 1) is None  # the previous one is intact
     monkeypatch.undo()
     assert train.main([str(config)]) == 0 and sorted(metrics(exp, "loss")) == list(range(1, 13))
 
@@ -280,7 +281,7 @@ def test_full_disk_during_an_export_is_a_clear_error(setup, monkeypatch, capsys)
     assert train.main([str(config), "training.export.interval=4"]) == 2
     err = capsys.readouterr().err
     assert "could not write the export of step 4" in err and "No space left" in err and "Traceback" not in err
-    assert train.checkpoint_steps(exp) == [3]
+    assert checkpoint.checkpoint_steps(exp) == [3]
 
 
 def test_half_written_metrics_line_is_dropped_and_nothing_else(setup, monkeypatch, capsys):
@@ -368,7 +369,7 @@ def test_a_signal_stops_with_a_checkpoint_and_the_resume_is_exact(setup, signum)
     assert process.returncode == 0, err
     stopped = int(out.split("stopped at step ")[1].split(";")[0])
     assert stopped >= at and f"stopped at step {stopped}; run the same command to resume" in out
-    assert train.checkpoint_steps(exp)[0] == stopped and "Traceback" not in err
+    assert checkpoint.checkpoint_steps(exp)[0] == stopped and "Traceback" not in err
     assert train.main([str(config)]) == 0
     assert_same_run(exp, expected)
 
@@ -381,12 +382,12 @@ def test_a_second_signal_ends_the_run_at_once(setup, tmp_path):
     script.write_text(f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
-import train
-real = train.write_file
+import checkpoint, train
+real = checkpoint.write_file
 def slow(path, chunks):
     time.sleep(0.5)
     return real(path, chunks)
-train.write_file = slow
+checkpoint.write_file = slow
 sys.exit(train.main(sys.argv[1:]))
 """)
     process = start(config, command=(str(script),))
@@ -399,8 +400,8 @@ sys.exit(train.main(sys.argv[1:]))
     process.send_signal(signal.SIGTERM)
     out, _ = finish(process)
     assert process.returncode == -signal.SIGTERM and "stopped at step" not in out
-    newest = exp / "checkpoints" / str(train.checkpoint_steps(exp)[0])
-    assert train.checkpoint_steps(exp)[0] in (3, 6) and train.damage(newest, 0, 1) is None
+    newest = exp / "checkpoints" / str(checkpoint.checkpoint_steps(exp)[0])
+    assert checkpoint.checkpoint_steps(exp)[0] in (3, 6) and checkpoint.damage(newest, 0, 1) is None
     assert train.main([str(config)]) == 0 and sorted(metrics(exp, "loss")) == list(range(1, 13))
 
 
@@ -433,7 +434,7 @@ def test_kill_9_at_random_moments_never_loses_a_bit(setup):
     rng = random.Random(0)
     for _ in range(5):
         process = start(config, *overrides)
-        wait_for_step(exp, train.checkpoint_steps(exp)[0] + 1 if train.checkpoint_steps(exp) else 1, process)
+        wait_for_step(exp, checkpoint.checkpoint_steps(exp)[0] + 1 if checkpoint.checkpoint_steps(exp) else 1, process)
         time.sleep(rng.uniform(0, 0.5))
         with contextlib.suppress(ProcessLookupError):  # it may have finished already
             os.killpg(process.pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ import torch
 import torch.utils.checkpoint
 
 import model
+import schema
 import train
 from helpers import build_llama, llama_config
 
@@ -101,9 +102,9 @@ def test_block_keeps_only_what_its_backward_needs_gpu(float8):
 # train.py's choice
 
 
-def seed_config(**overrides) -> train.Config:
+def seed_config(**overrides) -> schema.Config:
     args = [f"{k}={v}" for k, v in overrides.items()]
-    return train.load_config(str(ROOT / "config" / "llama3_8b.yaml"), args)
+    return schema.load_config(str(ROOT / "config" / "llama3_8b.yaml"), args)
 
 
 def choose(config, free_gb: float, total_gb: float = 85.5, monkeypatch=None, world: int = 1) -> int:
@@ -134,11 +135,11 @@ def test_recompute_choice_follows_the_activation_bytes(monkeypatch):
 
 def test_run_that_cannot_fit_stops_and_names_a_micro_batch(monkeypatch):
     config = seed_config(**{"model.base_model.transformer.num_layers": 4})
-    with pytest.raises(train.ConfigError, match=r"micro_batch_size 4 does not fit in GPU memory, even with every "
+    with pytest.raises(schema.ConfigError, match=r"micro_batch_size 4 does not fit in GPU memory, even with every "
                                                 r"block recomputed.* batch.micro_batch_size [123] would fit"):
         choose(config, 5.0, total_gb=45.0, monkeypatch=monkeypatch)
-    with pytest.raises(train.ConfigError, match="not even micro_batch_size 1 fits"):
+    with pytest.raises(schema.ConfigError, match="not even micro_batch_size 1 fits"):
         choose(config, 1.0, total_gb=45.0, monkeypatch=monkeypatch)
     # The check holds for a configured number too: the run would run out of memory either way.
-    with pytest.raises(train.ConfigError, match="does not fit"):
+    with pytest.raises(schema.ConfigError, match="does not fit"):
         choose(seed_config(**{"model.base_model.recompute_layers": 32}), 3.0, monkeypatch=monkeypatch)

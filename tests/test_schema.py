@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-import data
-import train
+import prepare
+import schema
 from helpers import LLAMA_31_8B
-from train import ConfigError, load_config
+from schema import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED, NEWER = ROOT / "config" / "llama3_8b.yaml", ROOT / "config" / "llama3_8b_fast_llm_v0.4.yaml"
@@ -89,7 +89,7 @@ def dataset(folder: Path, seed: int) -> str:
     """A dataset JSON over 120 documents of consecutive tokens mod 64."""
     rng = np.random.default_rng(seed)
     docs = [(start + np.arange(size)) % 64 for start, size in zip(rng.integers(0, 64, 120), rng.integers(10, 50, 120))]
-    data.write_dataset(folder / "tokens", docs, np.uint16)
+    prepare.write_dataset(folder / "tokens", docs, np.uint16)
     (folder / "dataset.json").write_text(json.dumps({"datasets": [{"prefix": "tokens", "weight": 1.0}]}))
     return str(folder / "dataset.json")
 
@@ -286,4 +286,4 @@ def test_a_refusal_exits_2_with_one_paragraph_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("key", ["model.distributed.training_dtype", "model.distributed.compute_dtype"])
 def test_dtype_names(key, name, dtype):
     config = load_config(str(NEWER if "compute" in key else SEED), [f"{key}={name}"], 8)
-    assert str(train.DTYPES[config.model.distributed.training_dtype]) == f"torch.{dtype}"
+    assert str(schema.DTYPES[config.model.distributed.training_dtype]) == f"torch.{dtype}"

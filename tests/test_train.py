@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+import checkpoint
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,7 @@ run: {experiment_dir: EXP}
 
 def write_dataset_by_hand(folder: Path) -> Path:
     """200 documents, each a run of consecutive tokens mod 64 (learnable), written byte by byte from
-    docs/formats.md's layout with struct (dtype code 8, uint16), not with data.py's writer."""
+    docs/formats.md's layout with struct (dtype code 8, uint16), not with prepare.py's writer."""
     rng = np.random.default_rng(0)
     docs = [[(start + i) % 64 for i in range(size)] for start, size in zip(rng.integers(0, 64, 200), rng.integers(20, 60, 200))]
     blob = b"".join(struct.pack(f"<{len(d)}H", *d) for d in docs)
@@ -129,19 +130,19 @@ def test_interrupted_run_resumes_exactly(setup, monkeypatch):
 
 def test_checkpoint_half_written_is_never_picked(setup, monkeypatch):
     config, exp = setup
-    real = train.write_file
+    real = checkpoint.write_file
 
     def crash_writing_step_9(path, chunks):
         if "tmp-9" in str(path) and "model" in str(path):
             raise Killed()
         return real(path, chunks)
 
-    monkeypatch.setattr(train, "write_file", crash_writing_step_9)
+    monkeypatch.setattr(checkpoint, "write_file", crash_writing_step_9)
     with pytest.raises(Killed):
         train.main([str(config)])
     assert (exp / "checkpoints" / ".tmp-9").exists()
-    assert train.checkpoint_steps(exp) == [6, 3]
-    monkeypatch.setattr(train, "write_file", real)
+    assert checkpoint.checkpoint_steps(exp) == [6, 3]
+    monkeypatch.setattr(checkpoint, "write_file", real)
     assert train.main([str(config)]) == 0
     assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["12", "9"]
 
@@ -245,7 +246,7 @@ def test_demo_pipeline_exports_a_model_that_transformers_generates_with(tmp_path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = subprocess.run([sys.executable, "data.py", "prepare", "--demo", "--output", str(tmp_path / "demo")],
+    out = subprocess.run([sys.executable, "prepare.py", "--demo", "--output", str(tmp_path / "demo")],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     exp = tmp_path / "exp"

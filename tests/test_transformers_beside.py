@@ -66,7 +66,7 @@ def test_demo_export_is_read_by_transformers_from_the_project_folder(tmp_path):
     hub_version()
     run = lambda *args: subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,  # noqa
                                        text=True, timeout=300)
-    result = run("data.py", "prepare", "--demo", "--output", tmp_path / "demo")
+    result = run("prepare.py", "--demo", "--output", tmp_path / "demo")
     assert result.returncode == 0, result.stderr
     exp = tmp_path / "exp"
     result = run("train.py", "config/tiny.yaml", f"data.path={tmp_path / 'demo' / 'fast_llm_dataset.json'}",

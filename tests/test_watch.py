@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import export
 import plot
+import schema
 import train
 from test_faults import crash_at
 from test_train import ROOT, Killed, metrics, setup  # noqa: F401 (setup is a fixture)
@@ -60,8 +61,8 @@ def test_wandb_offline_logs_the_metrics_and_a_resume_continues_the_same_run(setu
 
 def test_wandb_missing_stops_at_once(setup, monkeypatch, capsys):
     config, exp = setup
-    real = train.importlib.util.find_spec
-    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    real = schema.importlib.util.find_spec
+    monkeypatch.setattr(schema.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     assert train.main([str(config), "training.wandb.entity_name=someone"]) == 2
     assert "the wandb package is not installed" in capsys.readouterr().err and not exp.exists()
 
@@ -84,7 +85,7 @@ def test_plot_draws_the_curves_with_resumes_and_skipped_steps(setup, monkeypatch
     assert plot.main([str(tmp_path / "nowhere")]) == 2
 
 
-@pytest.mark.parametrize("script", ["train.py", "data.py", "export.py", "plot.py"])
+@pytest.mark.parametrize("script", ["train.py", "prepare.py", "export.py", "plot.py"])
 def test_help_exits_0(script):
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "usage:" in out.stdout
@@ -146,7 +147,7 @@ sys.exit(train.main(sys.argv[1:] + [f"run.experiment_dir={tmp_path}/rank{{os.env
 
 def test_export_finds_the_tokenizer_and_the_newest_checkpoint(tmp_path):
     data = tmp_path / "data"
-    subprocess.run([sys.executable, "data.py", "prepare", "--demo", "--output", str(data)], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "prepare.py", "--demo", "--output", str(data)], cwd=ROOT, check=True,
                    capture_output=True)
     exp = tmp_path / "exp"
     assert train.main([str(ROOT / "config" / "tiny.yaml"), f"data.path={data / 'fast_llm_dataset.json'}",

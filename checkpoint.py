@@ -1,0 +1,291 @@
+"""Everything under run.experiment_dir that must survive a crash: the trainer state, checkpoints written with
+a manifest of hashes, their damage checks, choosing, saving, rotating and loading, and the checks that the
+folder is writable and shared by every rank.
+
+Checkpoints: checkpoints/STEP/ holds the model weights (rank 0), each rank's optimizer shard and
+random state, the trainer state, and manifest.json: every file's size and SHA-256, computed while
+the file is written. It is written as checkpoints/.tmp-STEP and renamed once every rank has
+finished, so a run killed mid-write leaves nothing that looks complete. A resume verifies the
+newest checkpoint against its manifest and falls back to an older one if it is damaged.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors import safe_open
+
+EXECUTION_ONLY = ("cross_entropy_impl", "recompute_layers")  # model keys a resumed run may change
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that can't be used, or a checkpoint or export that could not be written (a full disk)."""
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands, besides its tensors: saved as a checkpoint's trainer.json."""
+    step: int = 0  # optimizer steps taken
+    consumed: dict[str, int] = field(default_factory=lambda: {"train": 0, "validation": 0})  # samples read
+    sequence_length: int = 0  # tokens per sample: the samples, so the data order, depend on it
+    world_size: int = 1  # ranks that wrote the optimizer shards
+    weights_finite: bool = True  # false: a blown-up run; rotation keeps the newest checkpoint where it is true
+    elapsed_s: float = 0.0  # wall-clock seconds of the run so far, over all its resumes
+    skipped_in_a_row: int = 0  # non-finite steps skipped since the last good one
+    # The log interval so far: loss sum, finite steps, steps, seconds. Kept so that the first line logged
+    # after a resume is the one an uninterrupted run logs.
+    interval: list[float] = field(default_factory=lambda: [0.0, 0, 0, 0.0])
+
+
+def write_file(path: Path, chunks) -> dict:
+    """Write the byte chunks to `path`, hashing them on the way: the manifest entry of the file."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("wb") as f:
+        for chunk in chunks:
+            digest.update(chunk)
+            size += f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safetensors_chunks(tensors: dict[str, torch.Tensor]):
+    """The safetensors format, one tensor at a time: an 8-byte header length, the JSON header (names,
+    dtypes, shapes, byte ranges), the raw little-endian data. One tensor in host memory at a time."""
+    tensors, header, offset = dict(sorted(tensors.items())), {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+    yield len(blob).to_bytes(8, "little") + blob
+    for t in tensors.values():
+        if t.numel():
+            yield t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def checkpoint_steps(exp: Path) -> list[int]:
+    """Steps of the complete (renamed) checkpoints, newest first."""
+    return sorted((int(p.name) for p in (exp / "checkpoints").glob("*") if p.name.isdigit()), reverse=True)
+
+
+def damage(checkpoint: Path, rank: int, world: int) -> str | None:
+    """What is wrong with a checkpoint's files, or None. Every rank checks the sizes; each file's hash is
+    checked by one rank (file i by rank i mod world), and the ranks share what they found."""
+    problems = []
+    try:
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        for i, (name, entry) in enumerate(sorted(manifest.items())):
+            path = checkpoint / name
+            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                problems.append(f"{path} is missing or has the wrong size")
+            elif i % world == rank and sha256(path) != entry["sha256"]:
+                problems.append(f"{path} does not match its checksum")
+        for name in ("trainer.json", "model_config.json"):
+            json.loads((checkpoint / name).read_text())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        problems.append(f"{checkpoint}: {e}")
+    if world > 1:
+        found = [None] * world
+        dist.all_gather_object(found, problems)
+        problems = sorted({p for rank_problems in found for p in rank_problems})
+    return "; ".join(problems) or None
+
+
+def choose_checkpoint(exp: Path, config, rank: int, world: int) -> tuple[Path | None, TrainerState]:
+    """The newest checkpoint that is whole and holds finite weights, and its trainer state; warns about
+    each one passed over. None if the run has none; a ConfigError if it has some but none can be used."""
+    passed = []
+    for step in checkpoint_steps(exp):
+        checkpoint = exp / "checkpoints" / str(step)
+        problem = damage(checkpoint, rank, world)
+        if problem is None and not json.loads((checkpoint / "trainer.json").read_text()).get("weights_finite", True):
+            problem = f"{checkpoint} holds non-finite weights"
+        if problem is None:
+            return checkpoint, check_checkpoint(checkpoint, config)
+        passed.append(problem)
+        if rank == 0:
+            print(f"warning: checkpoint {checkpoint} can't be used ({problem}); trying an older one", file=sys.stderr)
+    if passed:
+        raise CheckpointError(f"no usable checkpoint in {exp / 'checkpoints'}: {'; '.join(passed)}. Move that folder "
+                          "away to start from scratch.")
+    return None, TrainerState(sequence_length=config.batch.sequence_length)
+
+
+def check_checkpoint(checkpoint: Path, config) -> TrainerState:
+    """The checkpoint's trainer state, after checking that it was written by this model."""
+    saved = json.loads((checkpoint / "model_config.json").read_text())
+    ours = dataclasses.asdict(config.model.base_model)
+    for key in EXECUTION_ONLY:
+        saved.pop(key, None), ours.pop(key, None)
+    if saved != ours:
+        diff = [f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here"
+                for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+        raise CheckpointError(
+            f"{checkpoint} was written by a different model than model.base_model describes "
+            f"({'; '.join(diff)}). Use another run.experiment_dir, or the model that wrote it."
+        )
+    state = TrainerState(**json.loads((checkpoint / "trainer.json").read_text()))
+    if state.sequence_length != config.batch.sequence_length:
+        raise CheckpointError(f"{checkpoint} was trained with batch.sequence_length {state.sequence_length}, "
+                          f"not {config.batch.sequence_length}")
+    return state
+
+
+def all_ok(ok: bool) -> bool:
+    """Whether `ok` holds on every rank (a collective: all ranks must call it)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def agree(error: Exception | None, what: str, cleanup=lambda: None) -> None:
+    """A collective: if writing `what` failed on any rank, every rank cleans up and raises one CheckpointError."""
+    if not all_ok(error is None):
+        cleanup()
+        raise CheckpointError(f"could not write {what}: {error or 'another rank failed to write'}. Nothing of it "
+                              "was kept; the earlier checkpoints are intact.")
+
+
+def save_checkpoint(exp: Path, model, optimizer, state: TrainerState, config, rank: int, world: int):
+    root = exp / "checkpoints"
+    tmp, final = root / f".tmp-{state.step}", root / str(state.step)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    error = None
+    try:
+        if rank == 0:
+            tmp.mkdir(parents=True)
+        barrier()
+        tensors = optimizer.sharded_state()
+        tensors["rng/cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng/cuda"] = torch.cuda.get_rng_state()
+        name = f"optimizer-{rank:05d}-of-{world:05d}.safetensors"
+        manifest = {name: write_file(tmp / name, safetensors_chunks(tensors))}
+        if rank == 0:
+            weights = safetensors_chunks(model.state_dict())
+            manifest["model.safetensors"] = write_file(tmp / "model.safetensors", weights)
+            for name, text in (("model_config.json", json.dumps(dataclasses.asdict(config.model.base_model), indent=2)),
+                               ("config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)),
+                               ("trainer.json", json.dumps(dataclasses.asdict(state), indent=2))):
+                manifest[name] = write_file(tmp / name, [text.encode()])
+    except OSError as e:
+        error, manifest = e, {}
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, manifest)
+        manifest = {k: v for part in gathered for k, v in part.items()}
+    remove_tmp = lambda: rank == 0 and shutil.rmtree(tmp, ignore_errors=True)  # noqa: E731
+    agree(error, f"checkpoint {final}", remove_tmp)
+    if rank == 0:
+        try:
+            write_file(tmp / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except OSError as e:
+            error = e
+    agree(error, f"checkpoint {final}", remove_tmp)
+    if rank == 0:
+        rotate(exp, config.training.checkpoint.keep)
+    barrier()
+
+
+def rotate(exp: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and the newest one with finite weights."""
+    steps, kept_finite = checkpoint_steps(exp), False
+    for i, step in enumerate(steps):
+        checkpoint, finite = exp / "checkpoints" / str(step), False  # unreadable: not known to be finite
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            finite = json.loads((checkpoint / "trainer.json").read_text()).get("weights_finite", True)
+        if i >= keep and (kept_finite or not finite):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        kept_finite = kept_finite or finite
+
+
+def load_checkpoint(checkpoint: Path, optimizer, state: TrainerState, rank: int, world: int) -> None:
+    files = sorted(checkpoint.glob("optimizer-*-of-*.safetensors"))
+    if len(files) != state.world_size:
+        raise CheckpointError(f"{checkpoint} should hold {state.world_size} optimizer shards, found {len(files)}")
+    shards = [safe_open(f, framework="pt", device="cpu") for f in files]
+    try:
+        optimizer.load_sharded_state(shards)
+    except ValueError as e:  # a foreign optimizer shard
+        raise CheckpointError(f"{checkpoint}: {e}") from None
+    if world == state.world_size:  # the same ranks continue with their own random streams
+        own = shards[rank]
+        torch.set_rng_state(own.get_tensor("rng/cpu"))
+        if torch.cuda.is_available() and "rng/cuda" in own.keys():
+            torch.cuda.set_rng_state(own.get_tensor("rng/cuda"))
+
+
+def cpu_state_dict(model) -> dict[str, torch.Tensor]:
+    # Copies: the parameters are views into the optimizer's flat buffers, which safetensors refuses.
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+
+def check_shared(exp: Path, rank: int, world: int) -> None:
+    """Create the experiment folder; with several ranks, check that all of them see it, that is that it
+    is on a file system they share (the checkpoints need that), before anything else is written there."""
+    created = rank == 0 and not exp.exists()
+    if rank == 0:
+        exp.mkdir(parents=True, exist_ok=True)
+    if world == 1:
+        return
+    probe = exp / f".shared-{os.getpid()}"
+    if rank == 0:
+        probe.write_text("")
+    names = [probe.name]  # rank 0's (the pid differs between ranks)
+    dist.broadcast_object_list(names, src=0)
+    if not all_ok((exp / names[0]).exists()):
+        if rank == 0:
+            probe.unlink()
+            if created:
+                shutil.rmtree(exp, ignore_errors=True)
+        raise CheckpointError(f"run.experiment_dir {exp} is not the same folder on every rank: it must be on a file "
+                          "system that all nodes share (checkpoints are written by every rank and read back by any)")
+    barrier()
+    if rank == 0:
+        probe.unlink()
+
+
+
+def experiment_dir_problem(exp: Path) -> str | None:
+    """Why the run could not write into `exp`, found before anything is written, or None."""
+    existing = exp
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"run.experiment_dir {exp}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"run.experiment_dir {exp}: {existing} is not writable (a read-only file system, or permissions)"
+    return None
+
+
