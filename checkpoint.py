@@ -33,6 +33,16 @@ class CheckpointError(Exception):
 
 
 @dataclass
+class Interval:
+    """The log interval so far, kept so that the first line logged after a resume is the one an uninterrupted run
+    logs."""
+    losses: list[float] = field(default_factory=lambda: [0.0])  # the loss summed over its finite steps
+    finite_steps: int = 0  # steps whose loss and gradients were finite (the mean's divisor)
+    steps: int = 0  # all its steps, skipped ones included
+    seconds: float = 0.0  # the time its steps took (for tokens/s)
+
+
+@dataclass
 class TrainerState:
     """Where a run stands, besides its tensors: saved as a checkpoint's trainer.json."""
     step: int = 0  # optimizer steps taken
@@ -42,9 +52,16 @@ class TrainerState:
     weights_finite: bool = True  # false: a blown-up run; rotation keeps the newest checkpoint where it is true
     elapsed_s: float = 0.0  # wall-clock seconds of the run so far, over all its resumes
     skipped_in_a_row: int = 0  # non-finite steps skipped since the last good one
-    # The log interval so far: loss sum, finite steps, steps, seconds. Kept so that the first line logged
-    # after a resume is the one an uninterrupted run logs.
-    interval: list[float] = field(default_factory=lambda: [0.0, 0, 0, 0.0])
+    interval: Interval = field(default_factory=Interval)  # the log interval so far
+
+
+def read_state(checkpoint: Path) -> TrainerState:
+    """A checkpoint's trainer.json; one written before Interval was a record keeps it as a list."""
+    saved = json.loads((checkpoint / "trainer.json").read_text())
+    interval = saved.pop("interval", {})
+    if isinstance(interval, list):  # [the loss sum, finite steps, steps, seconds]
+        interval = dict(losses=interval[:1], finite_steps=interval[1], steps=interval[2], seconds=interval[3])
+    return TrainerState(**saved, interval=Interval(**interval))
 
 
 def write_file(path: Path, chunks) -> dict:
@@ -101,8 +118,8 @@ def damage(checkpoint: Path, rank: int, world: int) -> str | None:
                 problems.append(f"{path} is missing or has the wrong size")
             elif i % world == rank and sha256(path) != entry["sha256"]:
                 problems.append(f"{path} does not match its checksum")
-        for name in ("trainer.json", "model_config.json"):
-            json.loads((checkpoint / name).read_text())
+        read_state(checkpoint)
+        json.loads((checkpoint / "model_config.json").read_text())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         problems.append(f"{checkpoint}: {e}")
     if world > 1:
@@ -119,7 +136,7 @@ def choose_checkpoint(exp: Path, config, rank: int, world: int) -> tuple[Path | 
     for step in checkpoint_steps(exp):
         checkpoint = exp / "checkpoints" / str(step)
         problem = damage(checkpoint, rank, world)
-        if problem is None and not json.loads((checkpoint / "trainer.json").read_text()).get("weights_finite", True):
+        if problem is None and not read_state(checkpoint).weights_finite:
             problem = f"{checkpoint} holds non-finite weights"
         if problem is None:
             return checkpoint, check_checkpoint(checkpoint, config)
@@ -145,7 +162,7 @@ def check_checkpoint(checkpoint: Path, config) -> TrainerState:
             f"{checkpoint} was written by a different model than model.base_model describes "
             f"({'; '.join(diff)}). Use another run.experiment_dir, or the model that wrote it."
         )
-    state = TrainerState(**json.loads((checkpoint / "trainer.json").read_text()))
+    state = read_state(checkpoint)
     if state.sequence_length != config.batch.sequence_length:
         raise CheckpointError(f"{checkpoint} was trained with batch.sequence_length {state.sequence_length}, "
                           f"not {config.batch.sequence_length}")
@@ -219,7 +236,7 @@ def rotate(exp: Path, keep: int) -> None:
     for i, step in enumerate(steps):
         checkpoint, finite = exp / "checkpoints" / str(step), False  # unreadable: not known to be finite
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            finite = json.loads((checkpoint / "trainer.json").read_text()).get("weights_finite", True)
+            finite = read_state(checkpoint).weights_finite
         if i >= keep and (kept_finite or not finite):
             shutil.rmtree(checkpoint, ignore_errors=True)
         kept_finite = kept_finite or finite

@@ -319,9 +319,8 @@ def prepare(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(
-        prog="prepare.py", description="Tokenize text into token shards, a dataset file and tokenizer.json in --output.",
-        epilog="The formats written: docs/formats.md.")
+    p = argparse.ArgumentParser(prog="prepare.py", epilog="The formats written: docs/formats.md.",
+                                description="Tokenize text into token shards, a dataset file and tokenizer.json.")
     p.add_argument("--output", required=True, help="folder to write (the dataset file, shard_*, tokenizer.json)")
     p.add_argument("--format", choices=("megatron", "fast_llm"), default="megatron",
                    help="megatron: PREFIX.bin + PREFIX.idx shards (index version 1, which Megatron-LM and every "

@@ -25,8 +25,8 @@ import torch.distributed as dist
 import yaml
 
 import export
-from checkpoint import (CheckpointError, agree, check_shared, choose_checkpoint, cpu_state_dict, experiment_dir_problem,
-                        load_checkpoint, rotate, save_checkpoint)
+from checkpoint import (CheckpointError, Interval, agree, check_shared, choose_checkpoint, cpu_state_dict,
+                        experiment_dir_problem, load_checkpoint, rotate, save_checkpoint)
 from data import IGNORE_INDEX, Data, DataError, Loader
 from model import Llama, count_parameters, flops_per_token, fused_cross_entropy_problem
 from schema import DTYPES, Config, ConfigError, LearningRateConfig, load_config
@@ -119,10 +119,9 @@ class Trainer:
             self.log(f"warning: {warning}")
         if state.step >= t.train_iters:
             self.log(f"training already complete at step {state.step}")
-        # The log interval's partial sums (restored on resume): loss over finite steps, those steps, all
-        # steps and their seconds in training steps (for tokens/s); and the wall clock, for the ETA.
-        self.interval_loss = torch.tensor(state.interval[0], dtype=torch.float32, device=self.device)
-        self.good, self.steps, self.seconds = state.interval[1:]
+        # The log interval so far (restored on resume), its loss sum on the device; the wall clock, for the ETA.
+        self.interval = state.interval
+        self.interval_loss = torch.tensor(self.interval.losses[0], dtype=torch.float32, device=self.device)
         self.started, self.last_log = time.time() - state.elapsed_s, (time.time(), state.step)
         profile_step = state.step + 3 if os.environ.get("LLAMA_PROFILE") and rank == 0 else None
         self.stop = Stop()
@@ -133,7 +132,8 @@ class Trainer:
                 lr = learning_rate(self.config.optimizer.learning_rate, step, t.train_iters)
                 with profiled(step == profile_step):
                     grad_norm, problem = self.train_step(lr)
-                self.steps, self.seconds = self.steps + 1, self.seconds + time.perf_counter() - start
+                self.interval.steps += 1
+                self.interval.seconds += time.perf_counter() - start
                 if problem:
                     state.skipped_in_a_row += 1
                     self.log(f"step {step} | skipped: {problem}", step=step, skipped=problem)
@@ -143,12 +143,13 @@ class Trainer:
                                         f"{t.max_skipped_steps}). Lower the learning rate or look at the data, "
                                         "then run again: it resumes from the newest checkpoint.")
                 else:
-                    state.skipped_in_a_row, self.good = 0, self.good + 1
+                    state.skipped_in_a_row = 0
+                    self.interval.finite_steps += 1
                 last = step == t.train_iters
                 # Every logs.interval steps, and at steps 1, 2, 4, 8, ... before the first one: early signs.
                 early = step < t.logs.interval and step & (step - 1) == 0
-                if (step % t.logs.interval == 0 or last or early) and self.good:
-                    self.log_interval(self.interval_loss / self.good, lr, grad_norm)
+                if (step % t.logs.interval == 0 or last or early) and self.interval.finite_steps:
+                    self.log_interval(self.interval_loss / self.interval.finite_steps, lr, grad_norm)
                 self.on_intervals(last)
                 if self.stopping and not last:
                     if not (t.checkpoint.interval is not None and step % t.checkpoint.interval == 0):
@@ -216,14 +217,15 @@ class Trainer:
 
     def log_interval(self, loss: torch.Tensor, lr: float, grad_norm: float) -> None:
         loss, step, world, t = all_reduce_mean(loss, self.world), self.state.step, self.world, self.config.training
-        tokens_per_s, now = self.steps * self.tokens_per_step / self.seconds, time.time()
+        interval, now = self.interval, time.time()
+        tokens_per_s = interval.steps * self.tokens_per_step / interval.seconds
         eta = (t.train_iters - step) * (now - self.last_log[0]) / (step - self.last_log[1])
         elapsed, tokens = now - self.started, self.loaders["train"].consumed_samples * self.config.batch.sequence_length
         metrics = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                        tokens_per_s_per_gpu=tokens_per_s / world, tokens=tokens, elapsed_s=elapsed)
         text = (f"step {step}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
                 f"{tokens_per_s:,.0f} tokens/s ({tokens_per_s / world:,.0f} per rank) | {tokens / 1e6:,.2f}M tokens | "
-                f"{self.seconds / self.steps:.3f} s/step | elapsed {clock(elapsed)} | ETA {clock(eta)}")
+                f"{interval.seconds / interval.steps:.3f} s/step | elapsed {clock(elapsed)} | ETA {clock(eta)}")
         if self.device.type == "cuda":
             metrics.update(mfu=tokens_per_s / world * self.flops_per_token / H100_PEAK_FLOPS,
                            memory_gb=torch.cuda.max_memory_allocated() / 1e9)
@@ -233,7 +235,7 @@ class Trainer:
         if alert and step % alert == 0:
             self.log.tracker.alert(f"step {step}", f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", status=True)
         self.interval_loss.zero_()
-        self.good, self.steps, self.seconds, self.last_log = 0, 0, 0.0, (now, step)
+        self.interval, self.last_log = Interval(), (now, step)
 
     def on_intervals(self, last: bool) -> None:
         """Validation, test, export and checkpoint, each on its interval and at the end."""
@@ -267,7 +269,7 @@ class Trainer:
 
     def write_checkpoint(self) -> None:
         self.state.consumed = {s: loader.consumed_samples for s, loader in self.loaders.items()}
-        self.state.interval = [self.interval_loss.item(), self.good, self.steps, self.seconds]
+        self.state.interval = dataclasses.replace(self.interval, losses=[self.interval_loss.item()])
         self.state.elapsed_s = time.time() - self.started
         self.state.world_size, self.state.weights_finite = self.world, weights_finite(self.model)
         save_checkpoint(self.exp, self.model, self.optimizer, self.state, self.config, self.rank, self.world)
