@@ -120,8 +120,10 @@ class Trainer:
         if state.step >= t.train_iters:
             self.log(f"training already complete at step {state.step}")
         # The log interval so far (restored on resume), its loss sum on the device; the wall clock, for the ETA.
-        self.interval = state.interval
-        self.interval_loss = torch.tensor(self.interval.losses[0], dtype=torch.float32, device=self.device)
+        # Each rank holds its own loss sum (the log adds them up); resumed on another number of ranks, rank 0 the total.
+        self.interval, losses = state.interval, state.interval.losses
+        mine = losses[rank] if len(losses) == self.world else sum(losses) if rank == 0 else 0.0
+        self.interval_loss = torch.tensor(mine, dtype=torch.float32, device=self.device)
         self.started, self.last_log = time.time() - state.elapsed_s, (time.time(), state.step)
         profile_step = state.step + 3 if os.environ.get("LLAMA_PROFILE") and rank == 0 else None
         self.stop = Stop()
@@ -199,7 +201,7 @@ class Trainer:
             # share of the step's labels makes that sum the gradient of the step's mean loss.
             loss = torch.where(count > 0, self.model(inputs, labels) * count / total, 0.0)
             loss.backward()
-            interval_loss += loss.detach() * self.world  # log_interval's all_reduce_mean divides by the ranks
+            interval_loss += loss.detach()  # this rank's share of the step's mean; the log adds the ranks' up
         grad_norm = self.optimizer.reduce()
         # What every rank must agree on, in one all-reduce and one host synchronization a step: ranks
         # whose loss is not finite, ranks asked to stop; the gradient norm is already global.
@@ -216,7 +218,9 @@ class Trainer:
         return norm, None
 
     def log_interval(self, loss: torch.Tensor, lr: float, grad_norm: float) -> None:
-        loss, step, world, t = all_reduce_mean(loss, self.world), self.state.step, self.world, self.config.training
+        if self.world > 1:
+            dist.all_reduce(loss)
+        loss, step, world, t = loss.item(), self.state.step, self.world, self.config.training
         interval, now = self.interval, time.time()
         tokens_per_s = interval.steps * self.tokens_per_step / interval.seconds
         eta = (t.train_iters - step) * (now - self.last_log[0]) / (step - self.last_log[1])
@@ -269,7 +273,10 @@ class Trainer:
 
     def write_checkpoint(self) -> None:
         self.state.consumed = {s: loader.consumed_samples for s, loader in self.loaders.items()}
-        self.state.interval = dataclasses.replace(self.interval, losses=[self.interval_loss.item()])
+        losses = [self.interval_loss.clone() for _ in range(self.world)]
+        if self.world > 1:
+            dist.all_gather(losses, self.interval_loss)
+        self.state.interval = dataclasses.replace(self.interval, losses=[loss.item() for loss in losses])
         self.state.elapsed_s = time.time() - self.started
         self.state.world_size, self.state.weights_finite = self.world, weights_finite(self.model)
         save_checkpoint(self.exp, self.model, self.optimizer, self.state, self.config, self.rank, self.world)
@@ -356,16 +363,6 @@ def recompute_layers(config: Config, device: torch.device) -> int:
     if m.recompute_layers is not None:
         return m.recompute_layers
     return max(0, t.num_layers - kept_blocks(b.micro_batch_size))
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (no-ops in one process)
-
-
-def all_reduce_mean(value: torch.Tensor, world: int) -> float:
-    if world > 1:
-        dist.all_reduce(value)
-    return value.item() / world
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,9 +24,12 @@ from test_train import ROOT, Killed, metrics, setup, torchrun  # noqa: F401 (set
 KEYS = ("loss", "grad_norm", "lr", "val_loss", "test_loss")
 
 
-def reference(config: Path, exp: Path, *overrides: str) -> tuple[dict, dict]:
+def reference(config: Path, exp: Path, *overrides: str, launch=None) -> tuple[dict, dict]:
     """An uninterrupted run's metrics and final weights; the folder is emptied for the run under test."""
-    assert train.main([str(config), *overrides]) == 0
+    if launch is None:
+        assert train.main([str(config), *overrides]) == 0
+    else:
+        launch(config, *overrides)
     result = {k: metrics(exp, k) for k in KEYS}, load_file(exp / "checkpoints" / "12" / "model.safetensors")
     subprocess.run(["rm", "-rf", str(exp)], check=True)
     return result
@@ -323,6 +326,31 @@ def test_logs_are_exact_when_the_log_interval_is_not_a_multiple_of_the_checkpoin
         train.main([str(config), "training.logs.interval=5"])
     monkeypatch.undo()
     assert train.main([str(config), "training.logs.interval=5"]) == 0
+    assert_same_run(exp, expected)
+
+
+def test_logs_are_exact_on_two_ranks_after_a_resume_inside_a_log_interval(setup, tmp_path):
+    """Each rank keeps its own loss sum of the interval in the checkpoint: the resume from step 6 logs step 10 as
+    an uninterrupted run does (rank 0's sum, restored on every rank, once logged another loss there)."""
+    config, exp = setup
+    expected = reference(config, exp, "training.logs.interval=5", launch=lambda *args: torchrun(2, *args))
+    script = tmp_path / "crash_at_8.py"  # both ranks stop at step 8, the last checkpoint being step 6
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+real = train.learning_rate
+def crash(c, step, iters):
+    if step == 8:
+        sys.exit(9)
+    return real(c, step, iters)
+train.learning_rate = crash
+sys.exit(train.main(sys.argv[1:]))
+""")
+    torchrun(2, config, "training.logs.interval=5", script=str(script), returncode=9)
+    assert checkpoint.checkpoint_steps(exp) == [6, 3] and max(metrics(exp, "loss")) == 5
+    torchrun(2, config, "training.logs.interval=5")
+    assert 10 in metrics(exp, "loss")
     assert_same_run(exp, expected)
 
 

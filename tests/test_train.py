@@ -277,10 +277,10 @@ def test_demo_pipeline_exports_a_model_that_transformers_generates_with(tmp_path
 # Several processes: torchrun with gloo on the CPU
 
 
-def torchrun(nproc: int, config: Path, *overrides: str):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", str(config), *overrides]
+def torchrun(nproc: int, config: Path, *overrides: str, script: str = "train.py", returncode: int = 0):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, str(config), *overrides]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (out.returncode == 0) == (returncode == 0), out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
