@@ -64,6 +64,11 @@ def read_state(checkpoint: Path) -> TrainerState:
     return TrainerState(**saved, interval=Interval(**interval))
 
 
+def due(interval: int | None, step: int, last: bool) -> bool:
+    """Whether something done every `interval` steps (None: never), and at the end, is done at `step`."""
+    return interval is not None and (step % interval == 0 or last)
+
+
 def write_file(path: Path, chunks) -> dict:
     """Write the byte chunks to `path`, hashing them on the way: the manifest entry of the file."""
     digest, size = hashlib.sha256(), 0
@@ -306,3 +311,22 @@ def experiment_dir_problem(exp: Path) -> str | None:
     return None
 
 
+
+
+def trim_metrics(path: Path, keep_until: int) -> None:
+    """Drop what an interrupted run logged to metrics.jsonl after the checkpoint this run starts from (everything,
+    for a fresh start), so that the file reads as one run; and a line cut short by a crash or a full disk."""
+    if not path.exists():
+        return
+    kept = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            if json.loads(line)["step"] <= keep_until:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            if line.strip():
+                print(f"warning: {path} line {number} is not a whole record (a crash mid-write?); dropped",
+                      file=sys.stderr)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)

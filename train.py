@@ -25,8 +25,8 @@ import torch.distributed as dist
 import yaml
 
 import export
-from checkpoint import (CheckpointError, Interval, agree, check_shared, choose_checkpoint, cpu_state_dict,
-                        experiment_dir_problem, load_checkpoint, rotate, save_checkpoint)
+from checkpoint import (CheckpointError, Interval, agree, check_shared, choose_checkpoint, cpu_state_dict, due,
+                        experiment_dir_problem, load_checkpoint, rotate, save_checkpoint, trim_metrics)
 from data import IGNORE_INDEX, Data, DataError, Loader
 from model import Llama, count_parameters, flops_per_token, fused_cross_entropy_problem
 from schema import DTYPES, Config, ConfigError, LearningRateConfig, load_config
@@ -104,7 +104,9 @@ class Trainer:
         if rank == 0:
             (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
             rotate(exp, t.checkpoint.keep)  # after a kill between a checkpoint's rename and its rotation
-        self.log = Logger(exp / "metrics.jsonl", rank, state.step, Tracker(self.config, exp, rank))
+        if rank == 0:
+            trim_metrics(exp / "metrics.jsonl", state.step)
+        self.log = Logger(exp / "metrics.jsonl", rank, Tracker(self.config, exp, rank))
         self.loaders = {s: Loader(*self.sources[s], state.consumed.get(s, 0), b.batch_size, b.micro_batch_size,
                                   rank, self.world, self.device) for s in ("train", "validation")}
         layers = self.config.model.base_model.transformer.num_layers
@@ -154,8 +156,6 @@ class Trainer:
                     self.log_interval(self.interval_loss / self.interval.finite_steps, lr, grad_norm)
                 self.on_intervals(last)
                 if self.stopping and not last:
-                    if not (t.checkpoint.interval is not None and step % t.checkpoint.interval == 0):
-                        self.write_checkpoint()
                     self.log(f"stopped at step {step}; run the same command to resume")
         except BaseException as e:
             self.log.tracker.alert("run failed", f"at step {state.step}: {e!r}")
@@ -242,9 +242,9 @@ class Trainer:
         self.interval, self.last_log = Interval(), (now, step)
 
     def on_intervals(self, last: bool) -> None:
-        """Validation, test, export and checkpoint, each on its interval and at the end."""
+        """Validation, test, export and checkpoint, each on its interval and at the end; a stop checkpoints."""
         t, b, step = self.config.training, self.config.batch, self.state.step
-        if t.validation.interval is not None and (step % t.validation.interval == 0 or last):
+        if due(t.validation.interval, step, last):
             loss = evaluate(self.model, self.loaders["validation"], t.validation.iterations, self.world, self.device)
             self.log(f"step {step} | validation loss {loss:.4f}", step=step, val_loss=loss)
         if last and t.test_iters:
@@ -253,9 +253,9 @@ class Trainer:
             loss = evaluate(self.model, test, t.test_iters, self.world, self.device)
             test.close()
             self.log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)
-        if t.export.interval is not None and (step % t.export.interval == 0 or last):
+        if due(t.export.interval, step, last):
             self.write_export()
-        if t.checkpoint.interval is not None and (step % t.checkpoint.interval == 0 or last):
+        if due(t.checkpoint.interval, step, last) or self.stopping:
             self.write_checkpoint()
 
     def write_export(self) -> None:
@@ -372,23 +372,8 @@ def recompute_layers(config: Config, device: torch.device) -> int:
 class Logger:
     """Rank 0 prints, appends JSON lines to metrics.jsonl and hands them to the tracker; other ranks stay quiet."""
 
-    def __init__(self, path: Path, rank: int, keep_until: int, tracker=None):
+    def __init__(self, path: Path, rank: int, tracker=None):
         self.path, self.rank, self.tracker = path, rank, tracker
-        if rank == 0 and path.exists():
-            # Drop what an interrupted run logged after the checkpoint this run starts from (everything, for
-            # a fresh start), so the file reads as one run; and a line cut short by a crash or a full disk.
-            kept = []
-            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-                try:
-                    if json.loads(line)["step"] <= keep_until:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    if line.strip():
-                        print(f"warning: {path} line {number} is not a whole record (a crash mid-write?); "
-                              "dropped", file=sys.stderr)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
 
     def __call__(self, text: str, **metrics):
         if self.rank == 0:
