@@ -42,9 +42,9 @@ class DataError(Exception):
 
 MAGIC = b"MMIDIDX\x00\x00"
 HEADER = struct.Struct("<9sQBQQ")  # index version 1: magic, version, dtype code, documents n, document-index length
-DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+TOKEN_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 FLOAT_CODES = (6, 7)  # float32 and float64, numbered one way by Fast-LLM and the other by Megatron: never tokens
-CODES = {np.dtype(t): code for code, t in DTYPES.items()}
+CODES = {np.dtype(t): code for code, t in TOKEN_DTYPES.items()}
 FILE_MAGIC = b"fast_llm_prepared_dataset"  # a single file starts with it, then its config's offset (8 bytes)
 DATASET_JSON, DATASET_YAML = "fast_llm_dataset.json", "fast_llm_config.yaml"  # the names prepare.py writes
 IGNORE_INDEX = -100  # a label the loss leaves out (kernels.IGNORE_INDEX, F.cross_entropy's default)
@@ -106,8 +106,8 @@ class MemmapDataset(_Tokens):
         if code in FLOAT_CODES:
             raise DataError(f"{idx}: dtype code {code} is a float type (float32 or float64: Fast-LLM and Megatron "
                             f"number them differently); token ids are integers, so this is not a token dataset.")
-        if code not in DTYPES:
-            raise DataError(f"{idx}: unknown dtype code {code}; the codes are {sorted(DTYPES)} (docs/formats.md).")
+        if code not in TOKEN_DTYPES:
+            raise DataError(f"{idx}: unknown dtype code {code}; the codes are {sorted(TOKEN_DTYPES)} (docs/formats.md).")
         # After sizes int32[n] and pointers int64[n]: span counts int32[n] and spans int32[sum, 2], then chosen
         # and rejected spans int32[n, 2] each, then the document index int64[index_length].
         raw = np.memmap(idx, np.uint8, "r")
@@ -129,7 +129,7 @@ class MemmapDataset(_Tokens):
                             f"are not text (mode {modes[modes != 0][0]}); only token sequences can be trained on.")
         if n == 0:
             raise DataError(f"{idx}: the dataset has no documents; remove it from the dataset file.")
-        self.dtype = np.dtype(DTYPES[code])
+        self.dtype = np.dtype(TOKEN_DTYPES[code])
         self.sizes = np.frombuffer(raw, np.int32, n, start)
         self.pointers = np.frombuffer(raw, np.int64, n, start + 4 * n)
         item = self.dtype.itemsize

@@ -145,7 +145,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     pretrained: PretrainedConfig | None = None  # start from a Hugging Face Llama
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+TRAINING_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # Fast-LLM's names and short names
 
 
@@ -322,8 +322,8 @@ def validate(c: Config, world_size: int) -> list[str]:
         *((True, message) for message in c.model.base_model.errors()),
         (c.model.multi_stage.zero_stage not in (1, 2), "model.multi_stage.zero_stage must be 1 or 2 (3, which shards "
          "the weights too, is not implemented; 2 trains the same model)"),
-        (c.model.distributed.training_dtype not in DTYPES,
-         f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of {', '.join(DTYPES)}"),
+        (c.model.distributed.training_dtype not in TRAINING_DTYPES,
+         f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of {', '.join(TRAINING_DTYPES)}"),
         (c.model.distributed.float8_matmuls
          and any(n % 16 for n in (m.hidden_size, m.ffn_size, m.head_groups * m.head_dim,
                                   c.batch.micro_batch_size * c.batch.sequence_length)),

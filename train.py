@@ -29,7 +29,7 @@ from checkpoint import (CheckpointError, Interval, agree, check_shared, choose_c
                         experiment_dir_problem, load_checkpoint, rotate, save_checkpoint, trim_metrics)
 from data import IGNORE_INDEX, Data, DataError, Loader
 from model import Llama, count_parameters, flops_per_token, fused_cross_entropy_problem
-from schema import DTYPES, Config, ConfigError, LearningRateConfig, load_config
+from schema import TRAINING_DTYPES, Config, ConfigError, LearningRateConfig, load_config
 from zero import ZeroAdamW
 
 H100_PEAK_FLOPS = 989e12  # dense bf16, the MFU denominator of docs/performance.md
@@ -59,7 +59,7 @@ class Trainer:
         # Model: built on meta, materialized and initialized on the device, the same on every rank.
         torch.manual_seed(config.model.distributed.seed)
         with torch.device("meta"):
-            self.model = Llama(m, b.sequence_length, DTYPES[d.training_dtype], d.float8_matmuls)
+            self.model = Llama(m, b.sequence_length, TRAINING_DTYPES[d.training_dtype], d.float8_matmuls)
         self.model.init_weights(device)
         source = f"the initialization (model.base_model.transformer.init_method_std {m.transformer.std})"
         if config.pretrained is not None and config.pretrained.model_weights and self.checkpoint is None:
@@ -89,7 +89,7 @@ class Trainer:
         if self.checkpoint:
             load_checkpoint(self.checkpoint, self.optimizer, self.state, rank, world)
             source = f"checkpoint {self.checkpoint}"
-        if not weights_finite(self.model):
+        if not all_finite(self.model):
             raise ConfigError(f"the starting weights hold NaN or infinite values; they come from {source}")
         self.model.recompute_layers = recompute_layers(config, device)  # the one place that sets it
         self.accumulation = b.batch_size // (b.micro_batch_size * world)  # micro-batches per step on each rank
@@ -98,7 +98,7 @@ class Trainer:
         self.stopping = False  # every rank agreed to stop after this step (a signal)
 
     def train(self) -> None:
-        t, b, exp, rank, state = self.config.training, self.config.batch, self.exp, self.rank, self.state
+        t, exp, rank, state = self.config.training, self.exp, self.rank, self.state
         # Nothing was written until here: every check in __init__ could fail without touching earlier work.
         check_shared(exp, rank, self.world)
         if rank == 0:
@@ -107,8 +107,7 @@ class Trainer:
         if rank == 0:
             trim_metrics(exp / "metrics.jsonl", state.step)
         self.log = Logger(exp / "metrics.jsonl", rank, Tracker(self.config, exp, rank))
-        self.loaders = {s: Loader(*self.sources[s], state.consumed.get(s, 0), b.batch_size, b.micro_batch_size,
-                                  rank, self.world, self.device) for s in ("train", "validation")}
+        self.loaders = {s: self.loader(s, state.consumed.get(s, 0)) for s in ("train", "validation")}
         layers = self.config.model.base_model.transformer.num_layers
         self.log(f"{'resuming from ' + str(self.checkpoint) if self.checkpoint else 'starting'}: "
                  f"{count_parameters(self.model):,} parameters, {self.world} rank(s), {self.tokens_per_step:,} "
@@ -133,7 +132,7 @@ class Trainer:
             while state.step < t.train_iters and not self.stopping:
                 state.step += 1
                 step, start = state.step, time.perf_counter()
-                lr = learning_rate(self.config.optimizer.learning_rate, step, t.train_iters)
+                lr = lr_at(self.config.optimizer.learning_rate, step, t.train_iters)
                 with profiled(step == profile_step):
                     grad_norm, problem = self.train_step(lr)
                 self.interval.steps += 1
@@ -166,6 +165,12 @@ class Trainer:
             for loader in self.loaders.values():
                 loader.close()
 
+    def loader(self, split: str, consumed: int = 0) -> Loader:
+        """This rank's batches of `split`, from the `consumed`-th global sample on."""
+        (data, name), b = self.sources[split], self.config.batch
+        return Loader(data, name, consumed_samples=consumed, batch_size=b.batch_size,
+                      micro_batch_size=b.micro_batch_size, rank=self.rank, world_size=self.world, device=self.device)
+
     def log_schedule_changes(self) -> None:
         """A resume whose schedule differs from the checkpoint's says what moved, and the learning rate."""
         saved = yaml.safe_load((self.checkpoint / "config.yaml").read_text())
@@ -177,8 +182,8 @@ class Trainer:
         step = self.state.step + 1
         if moved:
             self.log(f"the schedule changed since the checkpoint: {'; '.join(moved)}. The learning rate of step "
-                     f"{step} is {learning_rate(c, step, t.train_iters):.4e} (it would have been "
-                     f"{learning_rate(old, step, old_iters):.4e})")
+                     f"{step} is {lr_at(c, step, t.train_iters):.4e} (it would have been "
+                     f"{lr_at(old, step, old_iters):.4e})")
 
     def train_step(self, lr: float) -> tuple[float, str | None]:
         """One optimizer step: every micro-batch's forward and backward, then, if the loss and the
@@ -243,13 +248,12 @@ class Trainer:
 
     def on_intervals(self, last: bool) -> None:
         """Validation, test, export and checkpoint, each on its interval and at the end; a stop checkpoints."""
-        t, b, step = self.config.training, self.config.batch, self.state.step
+        t, step = self.config.training, self.state.step
         if due(t.validation.interval, step, last):
             loss = evaluate(self.model, self.loaders["validation"], t.validation.iterations, self.world, self.device)
             self.log(f"step {step} | validation loss {loss:.4f}", step=step, val_loss=loss)
         if last and t.test_iters:
-            test = Loader(*self.sources["test"], 0, b.batch_size, b.micro_batch_size, self.rank, self.world,
-                          self.device)
+            test = self.loader("test")
             loss = evaluate(self.model, test, t.test_iters, self.world, self.device)
             test.close()
             self.log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)
@@ -278,7 +282,7 @@ class Trainer:
             dist.all_gather(losses, self.interval_loss)
         self.state.interval = dataclasses.replace(self.interval, losses=[loss.item() for loss in losses])
         self.state.elapsed_s = time.time() - self.started
-        self.state.world_size, self.state.weights_finite = self.world, weights_finite(self.model)
+        self.state.world_size, self.state.weights_finite = self.world, all_finite(self.model)
         save_checkpoint(self.exp, self.model, self.optimizer, self.state, self.config, self.rank, self.world)
         self.log(f"step {self.state.step} | checkpoint written to {self.exp / 'checkpoints' / str(self.state.step)}")
 
@@ -287,7 +291,7 @@ class Trainer:
 # Learning-rate schedule
 
 
-def learning_rate(c: LearningRateConfig, step: int, train_iters: int) -> float:
+def lr_at(c: LearningRateConfig, step: int, train_iters: int) -> float:
     """Learning rate of optimizer step `step` (1-based: the first step is 1). Warm-up ramps
     linearly so that step `warmup_iterations` gets `base`; decay then runs to `minimum` at the
     absolute step `decay_iterations` (default train_iters) and stays there."""
@@ -326,7 +330,7 @@ def recompute_layers(config: Config, device: torch.device) -> int:
     m, b, t = config.model.base_model, config.batch, config.model.base_model.transformer
     if device.type != "cuda":
         return m.recompute_layers or 0
-    itemsize = DTYPES[config.model.distributed.training_dtype].itemsize
+    itemsize = TRAINING_DTYPES[config.model.distributed.training_dtype].itemsize
     world = dist.get_world_size() if dist.is_initialized() else 1
     free, total = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # PyTorch's cache is reusable
@@ -469,7 +473,7 @@ class Stop:
         self.requested = self.requested or time.time()
 
 
-def weights_finite(model) -> bool:
+def all_finite(model) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from schema import Config, ConfigError, LearningRateConfig, load_config
-from train import learning_rate
+from train import lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "config" / "llama3_8b.yaml"
@@ -175,12 +175,12 @@ def test_defaults_are_fast_llms():
 
 def test_warmup_then_cosine():
     c = LearningRateConfig(base=6e-4, minimum=6e-5, decay_style="cosine", decay_iterations=100, warmup_iterations=10)
-    assert learning_rate(c, 1, 100) == pytest.approx(6e-5)  # first step: base / warmup
-    assert learning_rate(c, 5, 100) == pytest.approx(3e-4)
-    assert learning_rate(c, 10, 100) == pytest.approx(6e-4)  # end of warm-up: the peak
-    assert learning_rate(c, 55, 100) == pytest.approx(6e-5 + 0.5 * 5.4e-4)  # halfway: cos(pi/2) = 0
-    assert learning_rate(c, 100, 100) == pytest.approx(6e-5)
-    assert learning_rate(c, 150, 200) == pytest.approx(6e-5)  # past decay_iterations: the floor
+    assert lr_at(c, 1, 100) == pytest.approx(6e-5)  # first step: base / warmup
+    assert lr_at(c, 5, 100) == pytest.approx(3e-4)
+    assert lr_at(c, 10, 100) == pytest.approx(6e-4)  # end of warm-up: the peak
+    assert lr_at(c, 55, 100) == pytest.approx(6e-5 + 0.5 * 5.4e-4)  # halfway: cos(pi/2) = 0
+    assert lr_at(c, 100, 100) == pytest.approx(6e-5)
+    assert lr_at(c, 150, 200) == pytest.approx(6e-5)  # past decay_iterations: the floor
 
 
 @pytest.mark.parametrize("style, power, expected", [
@@ -189,4 +189,4 @@ def test_warmup_then_cosine():
     ("linear", 2.0, 1 - 0.9 * 0.25), ("power", 2.0, 1 - 0.9 * 0.25), ("cosine", 2.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 4)))])
 def test_decay_styles_halfway(style, power, expected):
     c = LearningRateConfig(base=1.0, minimum=0.1, decay_style=style, warmup_iterations=0, decay_power=power)
-    assert learning_rate(c, 50, 100) == pytest.approx(expected)  # decay_iterations defaults to train_iters
+    assert lr_at(c, 50, 100) == pytest.approx(expected)  # decay_iterations defaults to train_iters

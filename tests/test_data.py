@@ -47,9 +47,9 @@ def files_under(path: Path) -> list[Path]:
 # The memmap format
 
 
-@pytest.mark.parametrize("code", sorted(data.DTYPES))
+@pytest.mark.parametrize("code", sorted(data.TOKEN_DTYPES))
 def test_round_trip_every_dtype(tmp_path, code):
-    dtype = np.dtype(data.DTYPES[code])
+    dtype = np.dtype(data.TOKEN_DTYPES[code])
     rng = np.random.default_rng(code)
     docs = [rng.integers(0, 100, size).astype(dtype) for size in (5, 0, 17, 1, 40)]
     assert write_dataset(tmp_path / "x", docs, dtype) == (5, 63)

@@ -44,14 +44,14 @@ def assert_same_run(exp: Path, expected: tuple[dict, dict]) -> None:
 
 
 def crash_at(monkeypatch, step: int) -> None:
-    real = train.learning_rate
+    real = train.lr_at
 
     def crash(c, s, iters):
         if s == step:
             raise Killed()
         return real(c, s, iters)
 
-    monkeypatch.setattr(train, "learning_rate", crash)
+    monkeypatch.setattr(train, "lr_at", crash)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,12 +339,12 @@ def test_logs_are_exact_on_two_ranks_after_a_resume_inside_a_log_interval(setup,
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 import train
-real = train.learning_rate
+real = train.lr_at
 def crash(c, step, iters):
     if step == 8:
         sys.exit(9)
     return real(c, step, iters)
-train.learning_rate = crash
+train.lr_at = crash
 sys.exit(train.main(sys.argv[1:]))
 """)
     torchrun(2, config, "training.logs.interval=5", script=str(script), returncode=9)

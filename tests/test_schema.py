@@ -286,4 +286,4 @@ def test_a_refusal_exits_2_with_one_paragraph_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("key", ["model.distributed.training_dtype", "model.distributed.compute_dtype"])
 def test_dtype_names(key, name, dtype):
     config = load_config(str(NEWER if "compute" in key else SEED), [f"{key}={name}"], 8)
-    assert str(schema.DTYPES[config.model.distributed.training_dtype]) == f"torch.{dtype}"
+    assert str(schema.TRAINING_DTYPES[config.model.distributed.training_dtype]) == f"torch.{dtype}"

@@ -106,18 +106,18 @@ def test_interrupted_run_resumes_exactly(setup, monkeypatch):
     for p in exp.iterdir():
         os.system(f"rm -rf {p}")
 
-    real = train.learning_rate
+    real = train.lr_at
 
     def crash_at_step_8(c, step, iters):
         if step == 8:
             raise Killed()
         return real(c, step, iters)
 
-    monkeypatch.setattr(train, "learning_rate", crash_at_step_8)
+    monkeypatch.setattr(train, "lr_at", crash_at_step_8)
     with pytest.raises(Killed):
         train.main([str(config)])
     assert max(metrics(exp, "loss")) == 7  # it logged steps past its last checkpoint (6)
-    monkeypatch.setattr(train, "learning_rate", real)
+    monkeypatch.setattr(train, "lr_at", real)
     assert train.main([str(config)]) == 0
     for key, values in reference.items():
         assert metrics(exp, key) == values, key  # the same numbers, bit for bit, with no duplicated lines
