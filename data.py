@@ -580,12 +580,7 @@ class Data:
             return out
         parts, (part, first) = self._parts[split], self._windows(split, start, count)
         for k, (p, position) in enumerate(zip(part.tolist(), first.tolist())):
-            buffer[k] = parts[p].dataset.read(position, length)
-        if count and (buffer.min() < 0 or buffer.max() >= self.vocab_size):
-            raise DataError(f"data.path: {self.config.path}: {split} samples {start}..{start + count - 1} hold token "
-                            f"{buffer.max() if buffer.max() >= self.vocab_size else buffer.min()}, outside the "
-                            f"model's vocabulary 0..{self.vocab_size - 1}; set model.base_model.vocab_size to the "
-                            f"tokenizer's size.")
+            buffer[k] = parts[p].dataset.read(position, length)  # tokens within the vocabulary: _token_ranges
         return out
 
     def ignored(self, split: str, start: int, count: int) -> np.ndarray | None:
