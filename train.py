@@ -494,21 +494,12 @@ def evaluate(model, loader: Loader, iterations: int, world: int, device) -> floa
 # Entry point
 
 
-HELP = """sections of CONFIG.yaml (Fast-LLM's schema; every key, its default and the exit codes: docs/schema.md):
-  training            train_iters; logs, validation, checkpoint and export intervals; test_iters; wandb
-  batch               micro_batch_size, sequence_length, batch_size (global: micro x ranks x accumulation)
-  data                format (file | random), path (dataset JSON), split of train/validation/test
-  optimizer           AdamW: weight_decay, beta_1, beta_2, epsilon, gradient_norm_clipping, learning_rate
-  model.base_model    the Llama: vocab_size, transformer.* (layers, sizes, heads, rotary), cross_entropy_impl
-  model.multi_stage   zero_stage 1 or 2
-  model.distributed   training_dtype (float32, bf16, float16), seed
-  run                 experiment_dir: config, metrics.jsonl, checkpoints, exports; a run resumes from it
-  pretrained          start from a Hugging Face Llama folder (format, path, model_weights)
+HELP = """CONFIG.yaml holds Fast-LLM's sections (training, batch, data, optimizer, model.base_model, model.multi_stage,
+model.distributed, run, pretrained): every key, its default and the exit codes are in docs/schema.md.
 
 examples:
   python train.py config/tiny.yaml training.train_iters=200
-  torchrun --nproc_per_node=8 train.py config/llama3_8b.yaml data.path=data/mine/fast_llm_dataset.json
-  python plot.py experiments/tiny     (the loss curves as a PNG)"""
+  torchrun --nproc_per_node=8 train.py config/llama3_8b.yaml data.path=data/mine/fast_llm_dataset.json"""
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
