@@ -8,8 +8,10 @@ translation and a crash-safe write; import is the reverse, with strict checks of
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
+import operator
 import re
 import shutil
 import sys
@@ -35,6 +37,17 @@ BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama 3's special tokens, u
 # config.json <-> model.base_model
 
 
+# config.json's keys -> ours under model.base_model, for both directions (attention_bias and mlp_bias: one of ours).
+HF_KEYS = {"vocab_size": "vocab_size", "tie_word_embeddings": "tie_word_embeddings",
+           "hidden_size": "transformer.hidden_size", "intermediate_size": "transformer.ffn_hidden_size",
+           "num_hidden_layers": "transformer.num_layers", "num_attention_heads": "transformer.num_attention_heads",
+           "num_key_value_heads": "transformer.head_groups", "head_dim": "transformer.kv_channels",
+           "rms_norm_eps": "transformer.normalization.epsilon", "attention_bias": "transformer.add_linear_biases",
+           "mlp_bias": "transformer.add_linear_biases"}
+ROPE_KEYS = {"factor": "scale_factor", "low_freq_factor": "low_frequency_factor",  # rope_scaling's, under rotary
+             "high_freq_factor": "high_frequency_factor", "original_max_position_embeddings": "original_context_length"}
+
+
 def hf_config(config: BaseModelConfig, max_position_embeddings: int, dtype: torch.dtype) -> dict:
     """The config.json of `config`, with the published Llama-3.1 keys; refuses what HF Llama can't express."""
     t, r = config.transformer, config.transformer.rotary
@@ -44,21 +57,17 @@ def hf_config(config: BaseModelConfig, max_position_embeddings: int, dtype: torc
                         "num_attention_heads for transformers")
     if problems:
         raise ExportError("Hugging Face Llama cannot express this model: " + "; ".join(problems) + ".")
+    resolved = dataclasses.replace(config, transformer=dataclasses.replace(t, kv_channels=t.head_dim,
+                                                                           ffn_hidden_size=t.ffn_size))
     rope_scaling = None if r.scaling_type == "none" else {
-        "rope_type": "llama3", "factor": float(r.scale_factor), "low_freq_factor": float(r.low_frequency_factor),
-        "high_freq_factor": float(r.high_frequency_factor),
-        "original_max_position_embeddings": r.original_context_length,
-    }
+        "rope_type": "llama3", **{hf: getattr(r, ours) for hf, ours in ROPE_KEYS.items()}}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": t.hidden_size, "intermediate_size": t.ffn_size, "num_hidden_layers": t.num_layers,
-        "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.head_groups,
-        "head_dim": t.head_dim, "vocab_size": config.vocab_size, "hidden_act": HF_ACTIVATIONS[t.activation],
-        "rms_norm_eps": t.normalization.epsilon,
+        **{hf: operator.attrgetter(ours)(resolved) for hf, ours in HF_KEYS.items()},
+        "hidden_act": HF_ACTIVATIONS[t.activation],
         # exp(ln 500000) is 499999.99999999977 in floats; 12 digits give back the round theta.
         "rope_theta": float(f"{math.exp(-t.rotary_embedding_scale):.12g}"), "rope_scaling": rope_scaling,
-        "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": t.add_linear_biases, "mlp_bias": t.add_linear_biases, "initializer_range": t.std,
+        "max_position_embeddings": max_position_embeddings, "initializer_range": t.std,
         "bos_token_id": None, "eos_token_id": None,  # filled in by export_llama from the tokenizer, if any
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
@@ -97,26 +106,24 @@ def base_model_dict_from_hf(path) -> dict:
                           f"rope default or llama3, hidden_act one of {list(HF_ACTIVATIONS.values())}.")
     if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
         raise ExportError(f"{file}: attention_bias and mlp_bias differ; add_linear_biases sets both.")
-    heads = hf["num_attention_heads"]
-    transformer = {
-        "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"], "num_attention_heads": heads,
-        "head_groups": hf.get("num_key_value_heads") or heads,
-        "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads, "ffn_hidden_size": hf["intermediate_size"],
-        "gated": True, "activation_type": activation, "add_linear_biases": hf.get("attention_bias", False),
-        "normalization": {"type": "rms_norm", "epsilon": hf.get("rms_norm_eps", 1e-6)},  # LlamaConfig's default
-        "use_rotary_embeddings": True,
-        "rotary_embedding_scale": -math.log(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        "rotary": {"scaling_type": "none"},
-    }
+    if rope_type == "llama3" and (missing := [k for k in ROPE_KEYS if k not in rope]):
+        raise ExportError(f"{file}: llama3 rope scaling without {', '.join(missing)}.")
+    heads = hf["num_attention_heads"]  # LlamaConfig's defaults for the keys it may leave out:
+    hf = {"num_key_value_heads": heads, "head_dim": hf["hidden_size"] // heads, "rms_norm_eps": 1e-6,
+          "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+          **{k: v for k, v in hf.items() if v is not None}}
+    flat = {ours: hf[theirs] for theirs, ours in HF_KEYS.items()}
     if rope_type == "llama3":
-        keys = {"scale_factor": "factor", "low_frequency_factor": "low_freq_factor",
-                "high_frequency_factor": "high_freq_factor",
-                "original_context_length": "original_max_position_embeddings"}
-        if missing := [v for v in keys.values() if v not in rope]:
-            raise ExportError(f"{file}: llama3 rope scaling without {', '.join(missing)}.")
-        transformer["rotary"] = {"scaling_type": "llama3", **{ours: rope[theirs] for ours, theirs in keys.items()}}
-    return {"vocab_size": hf["vocab_size"], "tie_word_embeddings": hf.get("tie_word_embeddings", False),
-            "use_position_embeddings": False, "transformer": transformer}
+        flat.update({f"transformer.rotary.{ours}": rope[theirs] for theirs, ours in ROPE_KEYS.items()})
+    scaling = "none" if rope_type == "default" else rope_type
+    ours = {"use_position_embeddings": False, "transformer": {
+        "gated": True, "activation_type": activation, "use_rotary_embeddings": True,
+        "normalization": {"type": "rms_norm"}, "rotary": {"scaling_type": scaling},
+        "rotary_embedding_scale": -math.log(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        functools.reduce(lambda node, part: node.setdefault(part, {}), parents, ours)[leaf] = value
+    return ours
 
 
 def model_config_from_dict(d: dict, where: str = "model.base_model", cls=BaseModelConfig):
