@@ -107,7 +107,8 @@ class MemmapDataset(_Tokens):
             raise DataError(f"{idx}: dtype code {code} is a float type (float32 or float64: Fast-LLM and Megatron "
                             f"number them differently); token ids are integers, so this is not a token dataset.")
         if code not in TOKEN_DTYPES:
-            raise DataError(f"{idx}: unknown dtype code {code}; the codes are {sorted(TOKEN_DTYPES)} (docs/formats.md).")
+            raise DataError(f"{idx}: unknown dtype code {code}; the codes are {sorted(TOKEN_DTYPES)} "
+                            "(docs/formats.md).")
         # After sizes int32[n] and pointers int64[n]: span counts int32[n] and spans int32[sum, 2], then chosen
         # and rejected spans int32[n, 2] each, then the document index int64[index_length].
         raw = np.memmap(idx, np.uint8, "r")
@@ -284,6 +285,17 @@ def _leaves(datasets: list[_Tokens]) -> list[_Tokens]:
     return [leaf for d in datasets for leaf in (_leaves([p[0] for p in d.pieces]) if hasattr(d, "pieces") else [d])]
 
 
+def tokenizer_ids(path: Path) -> dict[str, int]:
+    """The ids of a tokenizer.json's tokens (Hugging Face's): its model's vocabulary (Unigram's: a list), added ones."""
+    try:
+        tokenizer = json.loads(path.read_text())
+        vocab = (tokenizer.get("model") or {}).get("vocab") or {}
+        ids = {token[0]: i for i, token in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)
+        return ids | {t["content"]: t["id"] for t in tokenizer.get("added_tokens") or []}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a readable tokenizer.json ({e}).") from None
+
+
 def open_dataset(path: Path) -> _Tokens:
     """A token-file path as Fast-LLM's `memmap` reads it: a single file, or else a prefix of a .idx/.bin pair."""
     return FileDataset(path) if path.is_file() and path.suffix not in (".idx", ".bin") else MemmapDataset(path)
@@ -334,6 +346,13 @@ REFUSED_TYPES = {"random": "random tokens; data.format: random gives those", "fi
                  "streaming": "a Redis stream"}
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what a YAML parse error is, as a message goes on: " at line 3, column 1: expected ..."."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{where}: {getattr(e, 'problem', None) or e}"
+
+
 def read_dataset_config(path: Path, depth: int = 0) -> list[tuple[_Tokens, float]]:
     """Fast-LLM's dataset config YAML, {config: DATASET, metadata: ...} since v0.4 and the bare DATASET before:
     the token datasets it blends, with their weights. Paths inside are relative to the YAML's folder."""
@@ -342,9 +361,7 @@ def read_dataset_config(path: Path, depth: int = 0) -> list[tuple[_Tokens, float
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not a readable file ({e}).") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise DataError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e}).") from None
+        raise DataError(f"{path}: not valid YAML{yaml_problem(e)}.") from None
     wrapped = isinstance(spec, dict) and spec.keys() == {"config", "metadata"}
     return _resolve(spec["config"] if wrapped else spec, path, "config" if wrapped else "(top level)", depth)
 
@@ -531,10 +548,7 @@ class Data:
         dataset file that is larger, or a token file whose smallest or largest token is out of range. A file
         whose dtype can't hold vocab_size needs no look; another is scanned once and its range is cached."""
         if self.tokenizer_path is not None:
-            tokenizer = json.loads(self.tokenizer_path.read_text())
-            vocab = (tokenizer.get("model") or {}).get("vocab") or {}
-            ids = [*(vocab.values() if isinstance(vocab, dict) else range(len(vocab))),
-                   *(t["id"] for t in tokenizer.get("added_tokens") or [])]
+            ids = tokenizer_ids(self.tokenizer_path).values()
             if ids and max(ids) >= self.vocab_size:
                 raise DataError(f"data.path: the tokenizer beside {path} ({self.tokenizer_path}) has {max(ids) + 1} "
                                 f"tokens, more than model.base_model.vocab_size {self.vocab_size}; set that to "

@@ -22,6 +22,8 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from checkpoint import checkpoint_steps, read_state
+from data import DataError, tokenizer_ids
 from model import BaseModelConfig, Llama
 
 
@@ -241,10 +243,10 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
 
 def tokenizer_special_ids(path: Path, vocab_size: int) -> dict[str, int]:
     """Ids of Llama 3's bos/eos tokens in a tokenizer.json, checking that every id fits the model."""
-    tokenizer = _read_json(path, "the tokenizer to export")
-    vocab = (tokenizer.get("model") or {}).get("vocab") or {}
-    ids = {tok[0]: i for i, tok in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)  # Unigram: a list
-    ids.update({t["content"]: t["id"] for t in tokenizer.get("added_tokens") or []})
+    try:
+        ids = tokenizer_ids(path)
+    except DataError as e:
+        raise ExportError(str(e)) from None
     if ids and max(ids.values()) >= vocab_size:
         raise ExportError(f"{path}: token ids go up to {max(ids.values())} but model.base_model.vocab_size is "
                           f"{vocab_size}; the model could not embed them.")
@@ -302,10 +304,9 @@ def export_checkpoint(checkpoint, output_dir, tokenizer_path=None, **kwargs) -> 
     the tokenizer.json beside the dataset the checkpoint was trained on goes in, when there is one."""
     checkpoint = Path(checkpoint)
     if (checkpoint / "checkpoints").is_dir():  # an experiment folder
-        steps = [int(p.name) for p in (checkpoint / "checkpoints").iterdir() if p.name.isdigit()]
-        if not steps:
+        if not (steps := checkpoint_steps(checkpoint)):
             raise ExportError(f"{checkpoint}: an experiment folder without a complete checkpoint yet.")
-        checkpoint = checkpoint / "checkpoints" / str(max(steps))
+        checkpoint = checkpoint / "checkpoints" / str(steps[0])
     if tokenizer_path is None and (checkpoint / "config.yaml").is_file():
         data = (yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}).get("data") or {}
         found = Path(str(data.get("path"))).parent / "tokenizer.json"
@@ -316,14 +317,17 @@ def export_checkpoint(checkpoint, output_dir, tokenizer_path=None, **kwargs) -> 
                           f"writes into EXPERIMENT_DIR/checkpoints/STEP/)"
                           + (f"; missing {', '.join(missing)}." if checkpoint.is_dir() else "; no such folder."))
     config = model_config_from_dict(_read_json(checkpoint / "model_config.json", "the model config"))
-    trainer = _read_json(checkpoint / "trainer.json", "the trainer state")
-    if "sequence_length" not in trainer:
+    try:
+        sequence_length = read_state(checkpoint).sequence_length
+    except (OSError, ValueError, TypeError) as e:
+        raise ExportError(f"{checkpoint / 'trainer.json'}: not a readable trainer state ({e}).") from None
+    if not sequence_length:
         raise ExportError(f"{checkpoint / 'trainer.json'}: no sequence_length.")
     try:
         state_dict = load_file(checkpoint / "model.safetensors")
     except SafetensorError as e:
         raise ExportError(f"{checkpoint / 'model.safetensors'}: not a readable safetensors file ({e}).") from None
-    context = context_length(config, trainer["sequence_length"])
+    context = context_length(config, sequence_length)
     return export_llama(state_dict, config, output_dir, max_position_embeddings=context, tokenizer_path=tokenizer_path,
                         **kwargs)
 

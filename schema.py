@@ -20,7 +20,7 @@ import yaml
 
 import export
 from checkpoint import checkpoint_steps
-from data import DataConfig
+from data import DataConfig, yaml_problem
 from model import BaseModelConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -170,9 +170,7 @@ def build(cls, raw, path: str, errors: list[str]):
     for key, value in raw.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.7)  # only near misses
-            near = f"{path}.{close[0]}" if path and close else close[0] if close else None
-            hint = f" Did you mean `{near}`?" if near else f" Known keys: {', '.join(names)}."
+            hint = did_you_mean(str(key), names, path) or f" Known keys: {', '.join(names)}."
             errors.append(f"unknown key `{where}`.{hint}")
             continue
         try:
@@ -213,9 +211,13 @@ def convert(kind, value, path: str, errors: list[str]):
 
 
 def yaml_error(e: yaml.YAMLError, what: str) -> ConfigError:
-    mark = getattr(e, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return ConfigError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', None) or e}")
+    return ConfigError(f"{what} is not valid YAML{yaml_problem(e)}")
+
+
+def did_you_mean(key: str, known: list[str], parent: str) -> str:
+    """The hint after an unknown key: the known key it is a near miss of, if one is."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+    return f" Did you mean `{parent + '.' if parent else ''}{close[0]}`?" if close else ""
 
 
 def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
@@ -323,7 +325,8 @@ def validate(c: Config, world_size: int) -> list[str]:
         (c.model.multi_stage.zero_stage not in (1, 2), "model.multi_stage.zero_stage must be 1 or 2 (3, which shards "
          "the weights too, is not implemented; 2 trains the same model)"),
         (c.model.distributed.training_dtype not in TRAINING_DTYPES,
-         f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of {', '.join(TRAINING_DTYPES)}"),
+         f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of "
+         f"{', '.join(TRAINING_DTYPES)}"),
         (c.model.distributed.float8_matmuls
          and any(n % 16 for n in (m.hidden_size, m.ffn_size, m.head_groups * m.head_dim,
                                   c.batch.micro_batch_size * c.batch.sequence_length)),
@@ -540,8 +543,7 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
         if flat.pop(path) not in (None, {}):  # what is left in a newer section, but an empty mapping, is unknown
             parent, _, key = path.rpartition(".")
             known = [k.rpartition(".")[2] for k in (*RENAMES, *NO_EFFECT) if k.startswith(parent + ".")]
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
-            errors.append(f"unknown key `{path}`." + (f" Did you mean `{parent}.{close[0]}`?" if close else ""))
+            errors.append(f"unknown key `{path}`.{did_you_mean(key, known, parent)}")
     raw.clear()
     raw.update(unflatten(flat))
     return {ours: theirs for ours, theirs in named.items() if ours != theirs}
