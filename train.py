@@ -28,9 +28,9 @@ import export
 from checkpoint import (CheckpointError, Interval, agree, check_shared, choose_checkpoint, cpu_state_dict, due,
                         experiment_dir_problem, load_checkpoint, rotate, save_checkpoint, trim_metrics)
 from data import IGNORE_INDEX, Data, DataError, Loader
-from model import Llama, count_parameters, flops_per_token, fused_cross_entropy_problem
+from model import Llama, count_parameters, flops_per_token, fused_cross_entropy_problem, kernels
 from schema import TRAINING_DTYPES, Config, ConfigError, LearningRateConfig, load_config
-from zero import ZeroAdamW
+from zero import BUCKET_BYTES, MAX_IN_FLIGHT, ZeroAdamW
 
 H100_PEAK_FLOPS = 989e12  # dense bf16, the MFU denominator of docs/performance.md
 
@@ -335,14 +335,15 @@ def recompute_layers(config: Config, device: torch.device) -> int:
     free, total = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # PyTorch's cache is reusable
     head = m.vocab_size * t.hidden_size
-    staging = 4 * (head + 2**27) if config.model.multi_stage.zero_stage == 2 and world > 1 else 0
+    stage2 = config.model.multi_stage.zero_stage == 2 and world > 1  # float32 staging: the head's own bucket and
+    staging = 4 * (head + MAX_IN_FLIGHT * BUCKET_BYTES // itemsize) if stage2 else 0  # those in flight
 
     def budget(micro_batch: int) -> tuple[float, int, int]:
         """(memory for the blocks, bytes a kept block holds, bytes a recomputed one holds)"""
         tokens = micro_batch * b.sequence_length
         kept, recomputed = tokens * t.activation_bytes(itemsize), tokens * t.hidden_size * itemsize
-        loss = (2**29 + recomputed if m.cross_entropy_impl != "torch"  # kernels.LOGITS_CHUNK_BYTES, grad of hidden
-                else 16 * tokens * m.vocab_size)  # the full logits, float32 copies and their gradient
+        fused = m.cross_entropy_impl != "torch" and kernels is not None  # a logits chunk and the hidden's gradient
+        loss = kernels.LOGITS_CHUNK_BYTES + recomputed if fused else 16 * tokens * m.vocab_size  # or all logits x 16
         backward = tokens * itemsize * (t.ffn_size + 2 * t.hidden_size) + 3 * itemsize * t.ffn_size * t.hidden_size
         if config.model.distributed.float8_matmuls:  # gate's and up's output gradients in float8, in both layouts
             backward += tokens * (4 * t.ffn_size + t.hidden_size) + t.ffn_size * t.hidden_size

@@ -43,6 +43,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 ALIGN = 64  # elements; every parameter and every shard starts at a multiple of this (aligned loads in kernels)
 MAX_IN_FLIGHT = 2  # stage 2: reduce-scatters in flight; bounds the float32 staging memory
+BUCKET_BYTES = 2**27  # a bucket's size in the training dtype, unless one parameter is larger
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -109,7 +110,7 @@ class _Bucket:
 class ZeroAdamW:
     def __init__(self, model: torch.nn.Module, *, betas: tuple[float, float], eps: float, weight_decay: float,
                  decays: Callable[[str], bool] = lambda name: True, zero_stage: int = 1, group=None,
-                 bucket_bytes: int = 2**27):
+                 bucket_bytes: int = BUCKET_BYTES):
         """Moves every parameter of `model` into flat buckets of its dtype (`param.data` becomes a view:
         don't move the model afterwards). `decays(name)`: whether that parameter gets weight decay (the
         caller's policy). `group`: the data-parallel ranks (default: the default process group if any).
