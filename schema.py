@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -157,13 +158,14 @@ class ConfigError(Exception):
 # Reading the YAML: types and unknown keys are checked against the dataclasses, with full key paths
 
 
-def build(cls, raw, path: str, errors: list[str]):
+def build(cls, raw, path: str, errors: list[tuple[str, str]]):
     """Build dataclass `cls` from the parsed YAML mapping `raw` at key path `path`. Every unknown key and
-    wrong type is added to `errors` (its field keeps its default), so that all are reported at once."""
+    wrong type is added to `errors` as (the key path of a wrong value or None, message) (its field keeps its
+    default), so that all are reported at once."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        errors.append(f"`{path}` must be a mapping of keys, got {raw!r}")
+        errors.append((path, f"`{path}` must be a mapping of keys, got {raw!r}"))
         raw = {}
     hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
     values = {}
@@ -171,16 +173,16 @@ def build(cls, raw, path: str, errors: list[str]):
         where = f"{path}.{key}" if path else str(key)
         if key not in names:
             hint = did_you_mean(str(key), names, path) or f" Known keys: {', '.join(names)}."
-            errors.append(f"unknown key `{where}`.{hint}")
+            errors.append((None, f"unknown key `{where}`.{hint}"))
             continue
         try:
             values[key] = convert(hints[key], value, where, errors)
         except ConfigError as e:
-            errors.append(str(e))
+            errors.append((where, str(e)))
     return cls(**values)
 
 
-def convert(kind, value, path: str, errors: list[str]):
+def convert(kind, value, path: str, errors: list[tuple[str, str]]):
     """Check `value` against the annotation `kind` (int, float, str, bool, list[float], X | None, a dataclass)."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         if value is None:
@@ -247,8 +249,7 @@ def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
         except yaml.YAMLError as e:
             raise yaml_error(e, f"the value of command-line override `{item}`") from None
     errors, warnings = [], []
-    named = translate(raw, world_size, errors, warnings)  # Fast-LLM's newer keys become ours
-    translated = len(errors)  # the messages after these name our keys: they get the user's back
+    named = translate(raw, world_size, errors, warnings)  # Fast-LLM's newer keys become ours; errors name the user's
     pretrained = raw.get("pretrained")
     if isinstance(pretrained, dict) and pretrained.get("path"):
         base = pretrained_architecture(pretrained["path"], raw.get("run"))
@@ -260,12 +261,13 @@ def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
             for key, mine, theirs in notes:
                 print(f"{named.get(key, key)}: {mine!r} from {path} overrides {theirs!r} from "
                       f"{pretrained['path']}/config.json")
-    config = build(Config, raw, "", errors)
-    # A key whose value had the wrong type kept its default: don't also report that default's value.
-    wrong = [e.split("`")[1] for e in errors if e.startswith("`")]
-    errors += [e for e in validate(config, world_size) if not any(e.startswith(w) for w in wrong)]
-    for ours, theirs in sorted(named.items(), key=lambda item: -len(item[0])):  # the longest first: no prefix slips
-        errors[translated:] = [e.replace(ours, theirs) for e in errors[translated:]]
+    typed = []
+    config = build(Config, raw, "", typed)
+    # A key whose value had the wrong type kept its default: validate() (its messages start with their key) does
+    # not report that default's value. Our key paths in the messages become the ones the user wrote.
+    wrong = tuple(f"{key} " for key, _ in typed if key is not None)
+    mine = [text for _, text in typed] + [e for e in validate(config, world_size) if not e.startswith(wrong)]
+    errors += [re.sub(r"[\w.]*\w", lambda key: named.get(key[0], key[0]), e) for e in mine]
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     if int(os.environ.get("RANK", 0)) == 0:
