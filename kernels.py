@@ -523,38 +523,27 @@ def cross_entropy(hidden, weight, labels, chunk_tokens: int | None = None) -> to
 
 
 # ---------------------------------------------------------------------------------------------
-# This module's name is also Hugging Face's `kernels` package (hub kernels), which transformers 5.x requires and
-# imports when it loads a model. With this folder first on sys.path (every script here, pytest, a user's script run
-# from this folder) `import kernels` finds this file, so this module serves that package too: its submodules load
-# from the package's own folder (`__path__`) and its names, none of which are ours, resolve on first use
-# (`__getattr__`, PEP 562) by running the package's `__init__.py` once. Training never loads it.
+# This module's name is also Hugging Face's hub-kernels package, which transformers 5.x requires and imports when
+# it loads a model; with this folder first on sys.path, `import kernels` finds this file. So this module serves
+# that package too (README: kernels.py and Hugging Face's kernels): its submodules load from its folder
+# (`__path__`), and the names we lack come from its __init__.py, run once on first use (PEP 562's module
+# __getattr__). Training never loads it.
 
-
-def _hub_kernels_init() -> Path | None:
-    """The installed Hugging Face `kernels` package's __init__.py, or None."""
-    try:
-        init = Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return init if init.is_file() and init.resolve() != Path(__file__).resolve() else None
-
-
-_HUB_INIT = _hub_kernels_init() if __name__ == "kernels" else None
-_hub = None  # the package's namespace, once a name of it was asked for
-if _HUB_INIT is not None:
+try:
+    _HUB_INIT = Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
+except importlib.metadata.PackageNotFoundError:
+    _HUB_INIT = None
+if __name__ == "kernels" and _HUB_INIT is not None and _HUB_INIT.is_file():
     __path__ = [str(_HUB_INIT.parent)]
+_hub = None  # that package's module, once one of its names was asked for
 
 
 def __getattr__(name: str):
     global _hub
-    if _HUB_INIT is None or (name.startswith("_") and name not in ("__version__", "__all__")):
+    if "__path__" not in globals() or (name.startswith("_") and name != "__version__"):
         raise AttributeError(f"module {__name__!r} ({__file__}) has no attribute {name!r}")
-    if _hub is None:
+    if _hub is None:  # set before it runs: the package may ask for its own names while it loads
         spec = importlib.util.spec_from_file_location(__name__, _HUB_INIT, submodule_search_locations=__path__)
-        _hub = importlib.util.module_from_spec(spec)  # set first: the package may ask for its names while it loads
-        try:
-            spec.loader.exec_module(_hub)  # its `from kernels._internals... import` find the submodules by __path__
-        except BaseException:
-            _hub = None
-            raise
+        _hub = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_hub)  # its `from kernels._internals... import` find the submodules by __path__
     return getattr(_hub, name)
