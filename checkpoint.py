@@ -136,7 +136,7 @@ def damage(checkpoint: Path, rank: int, world: int) -> str | None:
 
 def choose_checkpoint(exp: Path, config, rank: int, world: int) -> tuple[Path | None, TrainerState]:
     """The newest checkpoint that is whole and holds finite weights, and its trainer state; warns about
-    each one passed over. None if the run has none; a ConfigError if it has some but none can be used."""
+    each one passed over. None if the run has none; a CheckpointError if it has some but none can be used."""
     passed = []
     for step in checkpoint_steps(exp):
         checkpoint = exp / "checkpoints" / str(step)
@@ -149,8 +149,8 @@ def choose_checkpoint(exp: Path, config, rank: int, world: int) -> tuple[Path | 
         if rank == 0:
             print(f"warning: checkpoint {checkpoint} can't be used ({problem}); trying an older one", file=sys.stderr)
     if passed:
-        raise CheckpointError(f"no usable checkpoint in {exp / 'checkpoints'}: {'; '.join(passed)}. Move that folder "
-                          "away to start from scratch.")
+        raise CheckpointError(f"no usable checkpoint in {exp / 'checkpoints'}: {'; '.join(passed)}. Move that "
+                              "folder away to start from scratch.")
     return None, TrainerState(sequence_length=config.batch.sequence_length)
 
 
@@ -170,7 +170,7 @@ def check_checkpoint(checkpoint: Path, config) -> TrainerState:
     state = read_state(checkpoint)
     if state.sequence_length != config.batch.sequence_length:
         raise CheckpointError(f"{checkpoint} was trained with batch.sequence_length {state.sequence_length}, "
-                          f"not {config.batch.sequence_length}")
+                              f"not {config.batch.sequence_length}")
     return state
 
 
@@ -291,8 +291,8 @@ def check_shared(exp: Path, rank: int, world: int) -> None:
             probe.unlink()
             if created:
                 shutil.rmtree(exp, ignore_errors=True)
-        raise CheckpointError(f"run.experiment_dir {exp} is not the same folder on every rank: it must be on a file "
-                          "system that all nodes share (checkpoints are written by every rank and read back by any)")
+        raise CheckpointError(f"run.experiment_dir {exp} is not the same folder on every rank: it must be on a "
+                              "file system that all nodes share (checkpoints are written by every rank, read by any)")
     barrier()
     if rank == 0:
         probe.unlink()

@@ -181,8 +181,8 @@ def cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     return F.cross_entropy(logits, labels, ignore_index=-100)
 
 
-# Dispatch: each op runs its Triton kernel on CUDA tensors and its twin elsewhere. LLAMA_KERNELS=0
-# forces the twins everywhere, to tell a kernel bug from a model bug. Read once.
+# Dispatch: each op runs its Triton kernel on CUDA tensors and its twin elsewhere. LLAMA_KERNELS=0 (read once)
+# forces the twins everywhere, to tell a kernel bug from a model bug.
 FORCE_TWINS = os.environ.get("LLAMA_KERNELS") == "0"
 
 
@@ -211,11 +211,10 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, down: nn.Linear, activat
 
 def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str) -> torch.Tensor:
     """impl: `torch` the twin (full float32 logits), `fused` the chunked kernel, `auto` fused on a GPU."""
-    if impl == "fused" and not FORCE_TWINS:
-        if problem := fused_cross_entropy_problem(hidden.device):
-            raise RuntimeError(problem)
-        return kernels.cross_entropy(hidden, weight, labels)
-    if impl == "auto" and _kernels_on(hidden):
+    fused = impl == "fused" and not FORCE_TWINS
+    if fused and (problem := fused_cross_entropy_problem(hidden.device)):
+        raise RuntimeError(problem)
+    if fused or impl == "auto" and _kernels_on(hidden):
         return kernels.cross_entropy(hidden, weight, labels)
     return cross_entropy_torch(hidden, weight, labels)
 
@@ -260,8 +259,7 @@ ACTIVATIONS = {"silu": F.silu, "gelu": lambda x: F.gelu(x, approximate="tanh"), 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(size, dtype=dtype))
+        self.eps, self.weight = eps, nn.Parameter(torch.empty(size, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
@@ -327,11 +325,9 @@ class Llama(nn.Module):
 
     def __init__(self, config: BaseModelConfig, max_sequence_length: int, dtype=torch.float32, float8: bool = False):
         super().__init__()
-        self.config, self.max_sequence_length = config, max_sequence_length
-        # The first this many blocks keep only their input and recompute the rest in backward. The
-        # trainer sets it (train.py's recompute_layers decides how many); the model never reads the config's.
-        self.recompute_layers = 0
-        t = config.transformer
+        self.config, self.max_sequence_length, t = config, max_sequence_length, config.transformer
+        # The first this many blocks keep only their input and recompute the rest in backward: set by the trainer.
+        self.recompute_layers = 0  # (train.py's recompute_layers decides how many; the model never reads the config's)
         self.embed_tokens = nn.Embedding(config.vocab_size, t.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(t, dtype, float8) for _ in range(t.num_layers))
         self.norm = RMSNorm(t.hidden_size, t.normalization.epsilon, dtype)
@@ -391,8 +387,7 @@ class Llama(nn.Module):
         return cross_entropy(x.flatten(0, 1), self.head_weight, labels.flatten(), self.config.cross_entropy_impl)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (a tied head counts once)."""
+def count_parameters(model: nn.Module) -> int:  # unique ones: a tied head counts once
     return sum(p.numel() for p in model.parameters())
 
 

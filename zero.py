@@ -43,7 +43,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 ALIGN = 64  # elements; every parameter and every shard starts at a multiple of this (aligned loads in kernels)
 MAX_IN_FLIGHT = 2  # stage 2: reduce-scatters in flight; bounds the float32 staging memory
-BUCKET_BYTES = 2**27  # a bucket's size in the training dtype, unless one parameter is larger
+BUCKET_BYTES = 2**27  # per bucket (or a larger parameter): full-bandwidth collectives, yet early reduce-scatters
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -113,9 +113,7 @@ class ZeroAdamW:
                  bucket_bytes: int = BUCKET_BYTES):
         """Moves every parameter of `model` into flat buckets of its dtype (`param.data` becomes a view:
         don't move the model afterwards). `decays(name)`: whether that parameter gets weight decay (the
-        caller's policy). `group`: the data-parallel ranks (default: the default process group if any).
-        `bucket_bytes` (training dtype; a larger parameter gets its own): big enough for full-bandwidth
-        collectives, small enough that reduce-scatters start early in backward and staging stays small."""
+        caller's policy). `group`: the data-parallel ranks (default: the default process group if any)."""
         if zero_stage not in (1, 2):
             raise ValueError(f"zero_stage must be 1 or 2, got {zero_stage}")
         self.betas, self.eps, self.weight_decay, self.stage, self.group = betas, eps, weight_decay, zero_stage, group
