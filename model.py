@@ -83,10 +83,10 @@ class TransformerConfig:
         return self.init_method_std if self.init_method_std is not None else self.hidden_size**-0.5
 
     def activation_bytes(self, itemsize: int) -> int:
-        """Bytes per token that a block keeps for its backward, run with the kernels and not recomputed
-        (tests/test_memory.py measures it): in the training dtype its input and the residual stream after
-        attention, q, k, v after rotary, the attention output, gate and up; in float32 each norm's rstd and
-        attention's log-sum-exp per head. A recomputed block keeps its input alone."""
+        """Bytes per token that a block keeps for its backward, run with the kernels and not recomputed (measured
+        by tests/test_memory.py): in the training dtype its input and the residual stream after attention, q, k, v
+        after rotary, the attention output, gate and up; in float32 each norm's rstd and attention's log-sum-exp
+        per head. A recomputed block keeps its input alone."""
         q, kv = self.num_attention_heads * self.head_dim, self.head_groups * self.head_dim
         return itemsize * 2 * (self.hidden_size + q + kv + self.ffn_size) + 4 * (2 + self.num_attention_heads)
 
@@ -219,15 +219,23 @@ def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     return cross_entropy_torch(hidden, weight, labels)
 
 
+def attention(q, k, v, documents: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention of q (batch, heads, T, D) over k, v (batch, kv_heads, T, D); with `documents` (batch, T),
+    each token's document in its sample, a token attends only to earlier tokens of its own document."""
+    if documents is not None and _kernels_on(q):
+        return kernels.document_attention(q, k, v, documents)
+    mask = None if documents is None else (documents[:, None, :, None] == documents[:, None, None, :]).tril()
+    gqa = k.shape[1] != q.shape[1]  # each key/value head serves heads / kv_heads query heads, without copies
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
 def fused_cross_entropy_problem(device: torch.device) -> str | None:
     """Why `cross_entropy_impl: fused` can't run on `device`, or None. Compiled Triton needs a CUDA GPU;
     on the CPU the kernel runs only under Triton's interpreter (TRITON_INTERPRET=1, as the tests set)."""
-    key = "model.base_model.cross_entropy_impl"
-    if kernels is None:
-        return f"{key} is `fused`, a Triton kernel, and Triton is not installed: install it, or use auto or torch"
-    if device.type != "cuda" and not kernels.INTERPRETED:
-        return (f"{key} is `fused`, a Triton kernel that needs a CUDA GPU, and this run is on {device.type}: use "
-                "auto (the kernel on a GPU, plain PyTorch elsewhere) or torch")
+    if kernels is None or device.type != "cuda" and not kernels.INTERPRETED:
+        why = "Triton is not installed" if kernels is None else f"it needs a CUDA GPU and this run is on {device.type}"
+        return (f"model.base_model.cross_entropy_impl is `fused`, a Triton kernel, but {why}: use auto (the kernel on "
+                "a GPU, plain PyTorch elsewhere) or torch")
     return None
 
 
@@ -275,19 +283,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.kv_heads * d, bias=bias, dtype=dtype)
         self.o_proj = nn.Linear(self.heads * d, h, bias=bias, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor, documents) -> torch.Tensor:
         """attention(norm(x)), the norm fused into the q, k, v projections."""
         b, t, _ = x.shape
         q, k, v = norm_linear(x, norm, [self.q_proj, self.k_proj, self.v_proj], self.float8)
         q = rotary(q.view(b, t, self.heads, self.head_dim), cos, sin)
         k = rotary(k.view(b, t, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(b, t, self.kv_heads, self.head_dim)
-        # (batch, heads, tokens, head_dim) for SDPA, which picks flash attention on a GPU;
-        # enable_gqa lets each key/value head serve heads / kv_heads query heads without copies.
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, enable_gqa=self.kv_heads != self.heads,
-        )
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents)  # (batch, heads, T, D)
         return linear(y.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight, self.o_proj.bias, self.float8)
 
 
@@ -309,14 +312,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig, dtype: torch.dtype, float8: bool):
         super().__init__()
-        eps = config.normalization.epsilon
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.normalization.epsilon, dtype)
         self.self_attn = Attention(config, dtype, float8)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.normalization.epsilon, dtype)
         self.mlp = MLP(config, dtype, float8)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(x, self.input_layernorm, cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, documents=None) -> torch.Tensor:
+        x = x + self.self_attn(x, self.input_layernorm, cos, sin, documents)
         return x + self.mlp(x, self.post_attention_layernorm)
 
 
@@ -326,16 +328,14 @@ class Llama(nn.Module):
     def __init__(self, config: BaseModelConfig, max_sequence_length: int, dtype=torch.float32, float8: bool = False):
         super().__init__()
         self.config, self.max_sequence_length, t = config, max_sequence_length, config.transformer
-        # The first this many blocks keep only their input and recompute the rest in backward: set by the trainer.
-        self.recompute_layers = 0  # (train.py's recompute_layers decides how many; the model never reads the config's)
+        self.recompute_layers = 0  # the first this many blocks recompute in backward: set by train.py alone
         self.embed_tokens = nn.Embedding(config.vocab_size, t.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(t, dtype, float8) for _ in range(t.num_layers))
         self.norm = RMSNorm(t.hidden_size, t.normalization.epsilon, dtype)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(t.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-        # Rotary tables: derived from the config, so not part of the state dict; filled in init_weights.
-        self.register_buffer("cos", torch.empty(max_sequence_length, t.head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_sequence_length, t.head_dim // 2), persistent=False)
+        for name in ("cos", "sin"):  # rotary tables: derived from the config, not in the state dict; see init_rotary
+            self.register_buffer(name, torch.empty(max_sequence_length, t.head_dim // 2), persistent=False)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -343,10 +343,10 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, device: torch.device | str | None = None) -> "Llama":
-        """Materialize on `device` (if the model is on meta) and initialize every tensor:
-        norms to 1, biases to 0, the attention output and the MLP down projection from
-        N(0, std / sqrt(2 L)) (each block adds two such terms to the residual stream), every other
-        weight, the embedding and head included, from N(0, std). Draws are float32, then cast."""
+        """Materialize on `device` (if the model is on meta) and initialize every tensor: norms to 1, biases to
+        0, the attention output and the MLP down projection from N(0, std / sqrt(2 L)) (each block adds two such
+        terms to the residual stream), every other weight, embedding and head included, from N(0, std). Draws are
+        float32, then cast."""
         if device is not None:
             self.to_empty(device=device)
         t = self.config.transformer
@@ -367,20 +367,20 @@ class Llama(nn.Module):
         """Fill the float32 cos/sin tables (positions x head_dim/2); call after moving off meta."""
         positions = torch.arange(self.max_sequence_length, dtype=torch.float64)
         angles = torch.outer(positions, rotary_frequencies(self.config.transformer))
-        self.cos = angles.cos().float().to(self.cos.device)
-        self.sin = angles.sin().float().to(self.sin.device)
+        self.cos, self.sin = angles.cos().float().to(self.cos.device), angles.sin().float().to(self.sin.device)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (batch, T) -> float32 logits (batch, T, vocab), or with labels the mean loss."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, documents=None) -> torch.Tensor:
+        """tokens (batch, T) -> float32 logits (batch, T, vocab), or with labels the mean loss. `documents`
+        (batch, T), each token's document in its sample: attention stays within documents (None: across them)."""
         t = tokens.shape[1]
         cos, sin = self.cos[:t], self.sin[:t]
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             if i < self.recompute_layers and torch.is_grad_enabled():
                 # Keep only the block's input; its activations are recomputed in backward.
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, documents)
         x = self.norm(x)
         if labels is None:
             return (x @ self.head_weight.t()).float()

@@ -103,6 +103,29 @@ def test_rotary_gpu(heads, head_dim, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention within documents (flex attention on a GPU; the twin is SDPA with the boolean mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (4, 4)])
+def test_document_attention_gpu(heads, kv_heads, monkeypatch):
+    torch.manual_seed(0)
+    lengths = [[700, 1, 300, 23], [1024], [1, 1, 1022]]  # one-token documents, a whole-sample one
+    documents = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lengths], device="cuda")
+    q, k, v = (torch.randn(3, h, 1024, 128, device="cuda") for h in (heads, kv_heads, kv_heads))
+    dy = torch.randn(3, heads, 1024, 128, device="cuda")
+    results = []
+    for dtype, twin in ((torch.bfloat16, False), (torch.float64, True)):
+        monkeypatch.setattr(model, "FORCE_TWINS", twin)
+        leaves = [leaf(t, dtype) for t in (q, k, v)]
+        y = model.attention(*leaves, documents)
+        y.backward(dy.to(dtype))
+        results.append([y] + [t.grad for t in leaves])
+    for name, out, ref in zip(("output", "dq", "dk", "dv"), *results):
+        assert rel_error(out, ref) < TOLERANCE[torch.bfloat16], name
+
+
+# ---------------------------------------------------------------------------------------------
 # RMSNorm feeding projections; SwiGLU with the down projection
 
 

@@ -49,6 +49,27 @@ def test_logits_and_loss_match_transformers(shape):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_within_documents_is_each_document_alone_and_transformers_packed():
+    """With `documents`, a packed sample's logits are those of each of its documents run alone, and transformers'
+    given the block-diagonal causal mask and positions that restart per document (ours don't restart: rotary's
+    scores depend on distances alone). A one-document sample is the plain causal model."""
+    torch.manual_seed(3)
+    model, reference = build()
+    lengths = [[20, 1, 30, 13], [64]]
+    tokens = torch.randint(0, 101, (2, 64))
+    documents = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lengths])
+    positions = torch.tensor([[j for n in row for j in range(n)] for row in lengths])
+    ours = model(tokens, documents=documents)
+    starts = [0, 20, 21, 51]
+    alone = torch.cat([model(tokens[:1, a:a + n]) for a, n in zip(starts, lengths[0])], 1)
+    torch.testing.assert_close(ours[:1], alone, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours[1:], model(tokens[1:]))
+    mask = (documents[:, None, :, None] == documents[:, None, None, :]).tril()
+    theirs = reference(tokens, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert (ours[:1] - model(tokens[:1])).abs().max() > 0.1  # across documents, it would differ
+
+
 def test_gradients_match_transformers():
     torch.manual_seed(1)
     model, reference = build()
