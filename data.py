@@ -1,17 +1,15 @@
 """Token data for pretraining: the token file formats, dataset files, splits, blends, sampling and the loader.
 
-`data.path` names a dataset file: our JSON (token files with weights), or Fast-LLM's dataset config YAML
-(blends, slices and concatenations of token files, other YAMLs). Token files are PREFIX.idx + PREFIX.bin pairs
-(Megatron's index version 1, Fast-LLM's 2 and 3) or Fast-LLM's single NAME.fast_llm_dataset (docs/formats.md).
-`data.split` cuts every dataset into train / validation / test ranges of whole documents.
-Inside a split, a dataset's documents are read as one stream of tokens, and samples are windows of
-`sequence_length + 1` tokens with stride `sequence_length` (consecutive windows share one token, as
-in Megatron), so windows run across document boundaries. Each epoch of a split is a seeded shuffle:
-which dataset a sample comes from (in proportion to the weights) and which window of that dataset.
-Everything is a function of (seed, config, sequence_length), so a sample index always gives the
-same tokens, and a loader's only state is how many samples it has consumed. With
-`data.sampling.use_loss_masking_spans`, labels inside a dataset's loss-masking spans are left out of the loss.
-prepare.py writes these formats from text.
+`data.path` names a dataset file: our JSON (token files with weights), or Fast-LLM's dataset config YAML (blends,
+slices and concatenations of token files, other YAMLs). Token files are PREFIX.idx + PREFIX.bin pairs (Megatron's index
+version 1, Fast-LLM's 2 and 3) or Fast-LLM's single NAME.fast_llm_dataset (docs/formats.md). `data.split` cuts every
+dataset into train / validation / test ranges of whole documents. Inside a split, a dataset's documents are read as one
+stream of tokens, and samples are windows of `sequence_length + 1` tokens with stride `sequence_length` (consecutive
+windows share one token, as in Megatron), so windows run across document boundaries. Each epoch of a split is a seeded
+shuffle: which dataset a sample comes from (in proportion to the weights) and which window of that dataset. Everything
+is a function of (seed, config, sequence_length), so a sample index always gives the same tokens, and a loader's only
+state is how many samples it has consumed. With `data.sampling.use_loss_masking_spans`, labels inside a dataset's
+loss-masking spans are left out of the loss. prepare.py writes these formats from text.
 """
 
 from __future__ import annotations
@@ -50,9 +48,10 @@ DATASET_JSON, DATASET_YAML = "fast_llm_dataset.json", "fast_llm_config.yaml"  # 
 IGNORE_INDEX = -100  # a label the loss leaves out (kernels.IGNORE_INDEX, F.cross_entropy's default)
 
 
-def stream_spans(cumsum: np.ndarray, doc: np.ndarray, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Spans [begin, end) of documents `doc`, clipped to them, as [begin, end) positions in the stream of all
-    documents: (m, 2) int64, sorted by begin."""
+def stream_spans(cumsum: np.ndarray, counts: np.ndarray, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Spans [begin, end) inside documents, `counts[i]` of them in document i, each clipped to its document, as
+    [begin, end) positions in the stream of all documents: (m, 2) int64, sorted by begin."""
+    doc = np.repeat(np.arange(len(counts)), counts)
     size = cumsum[doc + 1] - cumsum[doc]
     begin, end = np.clip(begin, 0, size), np.clip(end, 0, size)
     spans = (np.stack([begin, end], 1) + cumsum[doc][:, None])[begin < end]
@@ -71,50 +70,42 @@ class _Tokens:
 
 
 class MemmapDataset(_Tokens):
-    """PREFIX.idx + PREFIX.bin, memory-mapped and validated on open: index version 1 (Megatron's, and Fast-LLM's
-    until 2025-02), 2 (adds loss-masking spans) or 3 (adds preference spans). Documents are found through byte
-    pointers into .bin."""
+    """PREFIX.idx + PREFIX.bin, memory-mapped and validated on open: index version 1 (Megatron's, and Fast-LLM's until
+    2025-02), 2 (adds loss-masking spans) or 3 (adds preference spans). Byte pointers find documents in .bin."""
 
     def __init__(self, prefix: str | Path):
         prefix = Path(prefix)
         # Fast-LLM replaces the prefix's suffix (wiki.v1 names wiki.idx), Megatron appends one: the first pair found.
-        pairs = [(prefix.with_suffix(".idx"), prefix.with_suffix(".bin")),
-                 (Path(f"{prefix}.idx"), Path(f"{prefix}.bin"))]
+        pairs = [[prefix.with_suffix(s) for s in (".idx", ".bin")], [Path(f"{prefix}{s}") for s in (".idx", ".bin")]]
         idx, bin_ = next((pair for pair in pairs if pair[0].is_file() and pair[1].is_file()), pairs[0])
         self.name, self.files = str(prefix), (idx, bin_)
-        for path in (idx, bin_):
-            if not path.is_file():
-                raise DataError(f"{path}: file not found. A memmap dataset is a pair PREFIX.bin + PREFIX.idx "
-                                f"(docs/formats.md); check the prefix, which is relative to the dataset file's "
-                                f"folder.")
+        if missing := [path for path in (idx, bin_) if not path.is_file()]:
+            raise DataError(f"{missing[0]}: file not found. A memmap dataset is a pair PREFIX.bin + PREFIX.idx "
+                            f"(docs/formats.md); check the prefix, which is relative to the dataset file's folder.")
         idx_bytes, bin_bytes = idx.stat().st_size, bin_.stat().st_size
-        with open(idx, "rb") as f:
-            head = f.read(HEADER.size + 2)
+        raw = np.memmap(idx, np.uint8, "r") if idx_bytes else np.zeros(0, np.uint8)  # numpy can't map an empty file
+        head = raw[: HEADER.size + 2].tobytes()
         magic, version = head[:9], int.from_bytes(head[9:17], "little")
         # Versions 2 and 3 add one flag byte each before the dtype code: loss-masking spans, preference spans.
         start = HEADER.size + version - 1 if version in (1, 2, 3) else HEADER.size  # the header's size
         if len(head) < start:
             raise DataError(f"{idx}: {idx_bytes} bytes, shorter than the {start}-byte header; the file is truncated.")
         if magic != MAGIC:
-            raise DataError(f"{idx}: starts with {magic!r}, not the memmap magic {MAGIC!r}; not a Megatron/Fast-LLM "
-                            f"index.")
+            raise DataError(f"{idx}: starts with {magic!r}, not the memmap magic {MAGIC!r} of Megatron/Fast-LLM.")
         if version not in (1, 2, 3):
-            raise DataError(f"{idx}: index version {version}; versions 1 (Megatron) to 3 (Fast-LLM) are read "
-                            f"(docs/formats.md).")
-        has_spans, has_preference = head[17] if version >= 2 else 0, head[18] if version >= 3 else 0
+            raise DataError(f"{idx}: index version {version}, not 1 (Megatron), 2 or 3 (Fast-LLM) (docs/formats.md).")
+        self.has_spans, has_preference = version >= 2 and head[17] > 0, version >= 3 and head[18] > 0
         code, n, index_length = struct.unpack_from("<BQQ", head, start - 17)
         if code in FLOAT_CODES:
             raise DataError(f"{idx}: dtype code {code} is a float type (float32 or float64: Fast-LLM and Megatron "
                             f"number them differently); token ids are integers, so this is not a token dataset.")
         if code not in TOKEN_DTYPES:
-            raise DataError(f"{idx}: unknown dtype code {code}; the codes are {sorted(TOKEN_DTYPES)} "
-                            "(docs/formats.md).")
+            raise DataError(f"{idx}: unknown dtype code {code}, not one of {sorted(TOKEN_DTYPES)} (docs/formats.md).")
         # After sizes int32[n] and pointers int64[n]: span counts int32[n] and spans int32[sum, 2], then chosen
         # and rejected spans int32[n, 2] each, then the document index int64[index_length].
-        raw = np.memmap(idx, np.uint8, "r")
-        at, preference = start + 12 * n, 16 * n * bool(has_preference)
+        at, preference = start + 12 * n, 16 * n * has_preference
         # Fast-LLM also writes the span counts (all 0) without setting the flag when no document has a span.
-        counted = bool(has_spans) or (version >= 2 and idx_bytes == at + 4 * n + preference + 8 * index_length)
+        counted = self.has_spans or (version >= 2 and idx_bytes == at + 4 * n + preference + 8 * index_length)
         counts = np.frombuffer(raw, np.int32, n, at) if counted and idx_bytes >= at + 4 * n else np.zeros(0, np.int32)
         spans_at = at + 4 * n * counted
         preference_at = spans_at + 8 * int(counts.sum(dtype=np.int64))
@@ -123,7 +114,7 @@ class MemmapDataset(_Tokens):
         modes = np.frombuffer(raw, np.int8, n, expected) if version == 1 and idx_bytes == expected + n else None
         if (counts < 0).any() or not (idx_bytes == expected or modes is not None):
             raise DataError(f"{idx}: {idx_bytes} bytes, but its header (version {version}, {n} documents, "
-                            f"{'loss-masking spans, ' * bool(has_spans)}{'preference spans, ' * bool(has_preference)}"
+                            f"{'loss-masking spans, ' * self.has_spans}{'preference spans, ' * has_preference}"
                             f"document index of {index_length}) makes {expected}; the index is truncated or corrupt.")
         if modes is not None and modes.any():
             raise DataError(f"{idx}: a Megatron multimodal index: {np.count_nonzero(modes)} of its {n} sequences "
@@ -133,27 +124,22 @@ class MemmapDataset(_Tokens):
         self.dtype = np.dtype(TOKEN_DTYPES[code])
         self.sizes = np.frombuffer(raw, np.int32, n, start)
         self.pointers = np.frombuffer(raw, np.int64, n, start + 4 * n)
-        item = self.dtype.itemsize
-        ends = self.pointers + self.sizes.astype(np.int64) * item
-        bad = (self.sizes < 0) | (self.pointers < 0) | (self.pointers % item != 0) | (ends > bin_bytes)
+        ends = self.pointers + self.sizes.astype(np.int64) * self.dtype.itemsize
+        bad = (self.sizes < 0) | (self.pointers < 0) | (self.pointers % self.dtype.itemsize != 0) | (ends > bin_bytes)
         if bad.any():
             i = int(np.argmax(bad))
-            raise DataError(f"{idx}: document {i} has {self.sizes[i]} tokens at byte {self.pointers[i]}, which does "
-                            f"not lie inside {bin_} ({bin_bytes} bytes of {self.dtype}); the .idx and .bin do not "
-                            f"belong together.")
-        self.num_documents = int(n)
+            raise DataError(f"{idx}: document {i} has {self.sizes[i]} tokens at byte {self.pointers[i]}, not inside "
+                            f"{bin_} ({bin_bytes} bytes of {self.dtype}); the .idx and .bin do not belong together.")
         self.cumsum = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])  # stream offset of each document
-        self.num_tokens = int(self.cumsum[-1])
+        self.num_documents, self.num_tokens = int(n), int(self.cumsum[-1])
         if self.num_tokens == 0:
             raise DataError(f"{idx}: all {n} documents are empty; the dataset has no tokens.")
-        self.tokens = np.memmap(bin_, self.dtype, "r", shape=(bin_bytes // item,))
+        self.tokens = np.memmap(bin_, self.dtype, "r", shape=(bin_bytes // self.dtype.itemsize,))
         # Every writer we know lays documents end to end in index order; then a window is one slice.
         self.contiguous = bool(np.array_equal(self.pointers[1:], ends[:-1]))
-        self.has_spans = bool(has_spans)
         self._spans = counts, np.frombuffer(raw, np.int32, (preference_at - spans_at) // 4, spans_at).reshape(-1, 2)
         # Read, not used (they are for preference training): chosen and rejected [begin, last] of each document.
-        self.preference = (np.frombuffer(raw, np.int32, 4 * n, preference_at).reshape(2, n, 2)
-                           if has_preference else None)
+        self.preference = np.frombuffer(raw, np.int32, 4 * n, preference_at).reshape(2, n, 2) if preference else None
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens start .. start+length-1 of the stream of all documents in order."""
@@ -166,8 +152,7 @@ class MemmapDataset(_Tokens):
 
     def spans(self) -> np.ndarray:
         counts, spans = self._spans
-        doc = np.repeat(np.arange(self.num_documents), counts)
-        return stream_spans(self.cumsum, doc, spans[:, 0], spans[:, 1].astype(np.int64) + 1)  # stored [begin, last]
+        return stream_spans(self.cumsum, counts, spans[:, 0], spans[:, 1].astype(np.int64) + 1)  # stored [begin, last]
 
 
 class FileDataset(_Tokens):
@@ -213,8 +198,7 @@ class FileDataset(_Tokens):
             self._ranges = np.frombuffer(raw, np.int32, 2 * m, at).reshape(-1, 2)
             self._range_counts = np.frombuffer(raw, np.int32, n + 1, at + 8 * m)
             if self._range_counts[0] != 0 or self._range_counts[-1] != m or (np.diff(self._range_counts) < 0).any():
-                raise DataError(f"{path}: its span counts do not add up to its {m} loss-masking spans; the file is "
-                                f"corrupt.")
+                raise DataError(f"{path}: its span counts do not add up to its {m} loss-masking spans; it is corrupt.")
 
     def _counts(self, part: dict, *keys: str) -> list[int]:
         values = [part.get(key) for key in keys]
@@ -236,8 +220,7 @@ class FileDataset(_Tokens):
         return self.tokens[start : start + length]
 
     def spans(self) -> np.ndarray:
-        doc = np.repeat(np.arange(self.num_documents), np.diff(self._range_counts))
-        return stream_spans(self.cumsum, doc, self._ranges[:, 0], self._ranges[:, 1])  # stored [begin, end)
+        return stream_spans(self.cumsum, np.diff(self._range_counts), self._ranges[:, 0], self._ranges[:, 1])
 
 
 class Concatenation(_Tokens):
@@ -253,8 +236,7 @@ class Concatenation(_Tokens):
                 lo, hi = a + max(first - seen, 0), min(b, a + last - seen)
                 self.pieces += [(inner, lo, hi)] if lo < hi else []
                 seen += b - a
-        sizes = [int(d.cumsum[b] - d.cumsum[a]) for d, a, b in self.pieces]
-        self.starts = np.cumsum([0] + sizes)  # where each piece starts in the stream
+        self.starts = np.cumsum([0] + [int(d.cumsum[b] - d.cumsum[a]) for d, a, b in self.pieces])  # in the stream
         self.cumsum = np.concatenate([[0], *(d.cumsum[a + 1 : b + 1] - d.cumsum[a] + s
                                              for (d, a, b), s in zip(self.pieces, self.starts.tolist()))])
         self.num_documents, self.num_tokens = len(self.cumsum) - 1, int(self.cumsum[-1])
@@ -278,11 +260,6 @@ class Concatenation(_Tokens):
 
     def key(self) -> list:
         return [[d.key(), a, b] for d, a, b in self.pieces]
-
-
-def _leaves(datasets: list[_Tokens]) -> list[_Tokens]:
-    """The datasets that hold token files, under any concatenations."""
-    return [leaf for d in datasets for leaf in (_leaves([p[0] for p in d.pieces]) if hasattr(d, "pieces") else [d])]
 
 
 def tokenizer_ids(path: Path) -> dict[str, int]:
@@ -386,19 +363,16 @@ def _resolve(spec, file: Path, where: str, depth: int) -> list[tuple[_Tokens, fl
                 and all(map(_positive, weights))):
             raise DataError(f'{here}: a blend needs "datasets" and as many positive "weights" (token counts, say); '
                             f"got {datasets!r:.80} and {weights!r:.80}.")
-        blend = []
-        for i, (inner, weight) in enumerate(zip(datasets, weights)):  # a blend of blends is one blend
-            parts = _resolve(inner, file, f"{where}.datasets[{i}]", depth)
-            blend += [(dataset, weight * w / sum(w for _, w in parts)) for dataset, w in parts]
-        return blend
+        # A blend of blends is one blend: the weights of an inner blend share its weight in the outer one.
+        parts = [_resolve(inner, file, f"{where}.datasets[{i}]", depth) for i, inner in enumerate(datasets)]
+        return [(d, weight * w / sum(w for _, w in part)) for weight, part in zip(weights, parts) for d, w in part]
     if kind == "concatenated" and isinstance(spec.get("datasets"), list) and spec["datasets"]:
         datasets = [_one(inner, file, f"{where}.datasets[{i}]", depth) for i, inner in enumerate(spec["datasets"])]
         return [(Concatenation([(d, 0, d.num_documents) for d in datasets], here), 1.0)]
     if kind == "slice":
         dataset = _one(spec.get("dataset"), file, f"{where}.dataset", depth)
         begin, end = spec.get("begin", 0), spec.get("end", 1)
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (begin, end)) or not (
-                0 <= begin <= end <= 1):
+        if not (all(type(x) in (int, float) for x in (begin, end)) and 0 <= begin <= end <= 1):  # a bool is no number
             raise DataError(f"{here}: slice from {begin!r} to {end!r}; begin and end are fractions of the documents, "
                             f"0 <= begin <= end <= 1.")
         n = dataset.num_documents  # Fast-LLM rounds the fractions to whole documents the same way
@@ -436,16 +410,14 @@ class DataConfig:
 
     def errors(self) -> list[str]:
         """What is wrong with these values (train.py reports them with the rest of the config)."""
-        split = self.split
         return [message for failed, message in [
             (self.format not in ("file", "random"),
              f"data.format: {self.format!r} is not one of 'file' (a dataset JSON) or 'random'."),
-            (self.format == "file" and self.path is None, "data.path: required when data.format is 'file'; give the "
-             "dataset JSON that `python prepare.py` wrote (e.g. data/demo/fast_llm_dataset.json) or a Fast-LLM "
-             "dataset YAML."),
-            (len(split) != 3 or not all(0 <= w < float("inf") for w in split) or sum(split) <= 0,
-             f"data.split: {split} must be three non-negative weights (train, validation, test) with a positive sum, "
-             f"e.g. [969, 30, 1]."),
+            (self.format == "file" and self.path is None, "data.path: required when data.format is 'file': the dataset "
+             "JSON that `python prepare.py` wrote (e.g. data/demo/fast_llm_dataset.json) or a Fast-LLM dataset YAML."),
+            (len(self.split) != 3 or not all(0 <= w < float("inf") for w in self.split) or sum(self.split) <= 0,
+             f"data.split: {self.split} must be three non-negative weights (train, validation, test) with a "
+             f"positive sum, e.g. [969, 30, 1]."),
         ] if failed]
 
 
@@ -468,8 +440,7 @@ def epoch_index(windows: np.ndarray, weights: np.ndarray, seed: int, split_id: i
     order = np.repeat(np.arange(len(windows), dtype=np.int32), counts)
     np.random.default_rng([seed, split_id, 0, epoch]).shuffle(order)
     by_part = np.argsort(order, kind="stable")  # sample positions grouped by part, in order
-    first_window = np.concatenate([[0], np.cumsum(windows)])
-    first_sample = np.concatenate([[0], np.cumsum(counts)])
+    first_window, first_sample = np.concatenate([[0], np.cumsum(windows)]), np.concatenate([[0], np.cumsum(counts)])
     index = np.empty(total, np.int64)
     for d, (n, count) in enumerate(zip(windows.tolist(), counts.tolist())):
         local = epoch * count + np.arange(count)  # positions in part d's own stream
@@ -503,7 +474,6 @@ class Data:
                  cache_dir: str | Path | None = None):
         if errors := config.errors():
             raise DataError(" ".join(errors))
-        split = config.split
         self.config, self.sequence_length, self.vocab_size = config, sequence_length, vocab_size
         self.seed = seed % 2**63  # numpy seeds are non-negative
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -528,33 +498,31 @@ class Data:
         for dataset, weight in datasets:
             spans = dataset.spans() if use_spans and dataset.has_spans else None
             spans = None if spans is None else (spans, np.maximum.accumulate(spans[:, 1]))
-            edges = split_boundaries(dataset.num_documents, split)
+            edges = split_boundaries(dataset.num_documents, config.split)
             for s, name in enumerate(SPLITS):
                 start, end = dataset.cumsum[edges[s]], dataset.cumsum[edges[s + 1]]
                 windows = max(0, int(end - start - 1) // sequence_length)
                 if windows:  # a dataset with nothing in this split leaves that split's blend
                     self._parts[name].append(_Part(dataset, int(start), windows, weight, spans))
         if not self._parts["train"]:
-            raise DataError(f"data.path: {path}: the train split ({split[0]} of {split}) holds no window of "
-                            f"{sequence_length + 1} tokens in any dataset; use more data, a larger train "
+            raise DataError(f"data.path: {path}: the train split ({config.split[0]} of {config.split}) holds no "
+                            f"window of {sequence_length + 1} tokens in any dataset; use more data, a larger train "
                             f"weight, or a shorter batch.sequence_length.")
-        # The sample index of an epoch is built (or loaded from cache_dir) on first use, so that
-        # constructing Data writes nothing: the caller may still reject the run.
-        self._cache_key = self._key(datasets)
-        self._ranges = self._token_ranges(path, datasets)
+        # Nothing is written before the first sample index is built (or loaded): the caller may still reject the run.
+        self._cache_key, self._ranges = self._key(datasets), self._token_ranges(path, datasets)
 
     def _token_ranges(self, path: Path, datasets) -> dict[str, list[int]]:
         """Refuse tokens outside the model's vocabulary before anything is written: a tokenizer.json beside the
         dataset file that is larger, or a token file whose smallest or largest token is out of range. A file
         whose dtype can't hold vocab_size needs no look; another is scanned once and its range is cached."""
         if self.tokenizer_path is not None:
-            ids = tokenizer_ids(self.tokenizer_path).values()
-            if ids and max(ids) >= self.vocab_size:
-                raise DataError(f"data.path: the tokenizer beside {path} ({self.tokenizer_path}) has {max(ids) + 1} "
-                                f"tokens, more than model.base_model.vocab_size {self.vocab_size}; set that to "
-                                f"{max(ids) + 1} or more.")
+            size = 1 + max(tokenizer_ids(self.tokenizer_path).values(), default=-1)  # its ids are 0 .. size-1
+            if size > self.vocab_size:
+                raise DataError(f"data.path: the tokenizer beside {path} ({self.tokenizer_path}) has {size} tokens, "
+                                f"more than model.base_model.vocab_size {self.vocab_size}; set that to {size} or more.")
         ranges = {}
-        for leaf in {id(d): d for d in _leaves([d for d, _ in datasets])}.values():
+        leaves = [p[0] for d, _ in datasets for p in getattr(d, "pieces", [(d,)])]  # pieces are never concatenations
+        for leaf in {id(d): d for d in leaves}.values():
             if leaf.dtype.kind == "u" and np.iinfo(leaf.dtype).max < self.vocab_size:
                 continue
             key = hashlib.sha256(json.dumps(leaf.key()).encode()).hexdigest()[:16]
@@ -577,9 +545,7 @@ class Data:
         """Samples in one epoch of the split; "random" data has no epochs and reports 2**62."""
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {SPLITS}")
-        if self.config.format == "random":
-            return 2**62
-        return sum(part.windows for part in self._parts[split])
+        return 2**62 if self.config.format == "random" else sum(part.windows for part in self._parts[split])
 
     def samples(self, split: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Samples start .. start+count-1 of the split's endless stream, (count, sequence_length+1) int64.
@@ -624,10 +590,9 @@ class Data:
         window_id = np.empty(count, np.int64)
         for e in np.unique(epoch).tolist():
             window_id[epoch == e] = self._epoch_index(split, e)[within[epoch == e]]
-        parts = self._parts[split]
-        first = np.cumsum([0] + [part.windows for part in parts])
+        first = np.cumsum([0] + [part.windows for part in self._parts[split]])
         part = np.searchsorted(first, window_id, side="right") - 1
-        starts = np.array([p.start for p in parts], np.int64)
+        starts = np.array([p.start for p in self._parts[split]], np.int64)
         return part, starts[part] + (window_id - first[part]) * self.sequence_length
 
     def _epoch_index(self, split: str, epoch: int) -> np.ndarray:
@@ -637,8 +602,7 @@ class Data:
             windows = np.array([part.windows for part in self._parts[split]], np.int64)
             weights = np.array([part.weight for part in self._parts[split]])
             path = self.cache_dir / f"{self._cache_key}-{split}-{epoch}.npy" if self.cache_dir else None
-            # The key covers every input and files appear whole (rename); still, a cached index that is
-            # damaged (unreadable, or not the length the epoch needs) is built again.
+            # The key covers every input and files appear whole (rename); still, a damaged index is built again.
             try:
                 index = np.load(path, mmap_mode="r") if path is not None and path.is_file() else None
             except (OSError, ValueError, EOFError):
@@ -647,9 +611,8 @@ class Data:
                 index = epoch_index(windows, weights, self.seed, SPLITS.index(split), epoch)
                 if path is not None:
                     self._cache_write(path, lambda f: np.save(f, index))
-            for key, token_range in self._ranges.items() if self.cache_dir else ():
-                text = json.dumps(token_range).encode()
-                self._cache_write(self.cache_dir / f"tokens-{key}.json", lambda f: f.write(text))
+            for key, bounds in self._ranges.items() if self.cache_dir else ():  # [low, high] of a token file
+                self._cache_write(self.cache_dir / f"tokens-{key}.json", lambda f: f.write(json.dumps(bounds).encode()))
             self._ranges = {}
             self._epochs[split] = (epoch, index)
             return index
@@ -687,9 +650,8 @@ class Loader:
         if rest or self.per_rank % micro_batch_size:
             raise DataError(f"batch.batch_size: {batch_size} sequences do not split into {world_size} ranks of "
                             f"micro-batches of {micro_batch_size}; use a multiple of {world_size * micro_batch_size}.")
-        self.data, self.split, self.consumed_samples = data, split, consumed_samples
-        self.batch_size, self.micro_batch_size, self.rank = batch_size, micro_batch_size, rank
-        self.device = torch.device(device)
+        self.data, self.split, self.consumed_samples, self.rank = data, split, consumed_samples, rank
+        self.batch_size, self.micro_batch_size, self.device = batch_size, micro_batch_size, torch.device(device)
         # One reader thread, kept for the loader's life: starting a thread per batch would make each step
         # wait for the new thread to hand back the GIL. At exit or on close() it ends (never a hang).
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"loader-{split}")
@@ -722,8 +684,6 @@ class Loader:
         self._ahead = None
 
 
-
 if __name__ == "__main__":  # `python data.py prepare ...`, the command's earlier name, still works
     import prepare
-
     prepare.main(sys.argv[2:] if sys.argv[1:2] == ["prepare"] else sys.argv[1:])
