@@ -1,9 +1,6 @@
-"""The training configuration: Fast-LLM's YAML schema as one dataclass per section (docs/schema.md), read with
-every problem reported at once, validated, merged with a `pretrained` folder's config.json, and, at the end,
-the newer schema generation (Fast-LLM v0.4) rewritten into this one.
-"""
+"""The training configuration: Fast-LLM's YAML schema as one dataclass per section (docs/schema.md), read with every
+problem reported at once, validated, merged with a `pretrained` config.json; Fast-LLM v0.4's keys rewritten as ours."""
 import contextlib
-import dataclasses
 import difflib
 import importlib.util
 import json
@@ -11,9 +8,8 @@ import math
 import os
 import re
 import sys
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -148,6 +144,7 @@ class Config:
 
 TRAINING_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # Fast-LLM's names and short names
+SCHEDULES = ("constant", "linear", "cosine", "power")
 
 
 class ConfigError(Exception):
@@ -159,17 +156,12 @@ class ConfigError(Exception):
 
 
 def build(cls, raw, path: str, errors: list[tuple[str, str]]):
-    """Build dataclass `cls` from the parsed YAML mapping `raw` at key path `path`. Every unknown key and
-    wrong type is added to `errors` as (the key path of a wrong value or None, message) (its field keeps its
-    default), so that all are reported at once."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
+    """Build dataclass `cls` from the parsed YAML mapping `raw` at key path `path`. Every unknown key and wrong
+    type goes in `errors` as (the wrong value's key path or None, message), its field keeping its default."""
+    if raw is not None and not isinstance(raw, dict):  # null: an empty section
         errors.append((path, f"`{path}` must be a mapping of keys, got {raw!r}"))
-        raw = {}
-    hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in raw.items():
+    hints, names, values = typing.get_type_hints(cls), [f.name for f in fields(cls)], {}
+    for key, value in (raw if isinstance(raw, dict) else {}).items():
         where = f"{path}.{key}" if path else str(key)
         if key not in names:
             hint = did_you_mean(str(key), names, path) or f" Known keys: {', '.join(names)}."
@@ -184,36 +176,24 @@ def build(cls, raw, path: str, errors: list[tuple[str, str]]):
 
 def convert(kind, value, path: str, errors: list[tuple[str, str]]):
     """Check `value` against the annotation `kind` (int, float, str, bool, list[float], X | None, a dataclass)."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+    if type(None) in typing.get_args(kind):  # X | None
         if value is None:
             return None
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
-    if dataclasses.is_dataclass(kind):
+    if is_dataclass(kind):
         return build(kind, value, path, errors)
     if typing.get_origin(kind) is list:
         if not isinstance(value, list):
             raise ConfigError(f"`{path}` must be a list, got {value!r}")
         return [convert(typing.get_args(kind)[0], v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
-    if typing.get_origin(kind) is dict:  # a mapping passed through as it is
-        if not isinstance(value, dict):
-            raise ConfigError(f"`{path}` must be a mapping, got {value!r}")
-        return value
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-        try:
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):  # YAML 1.1 reads 1e-4 as text
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"`{path}` must be {kind.__name__}, got {value!r} ({type(value).__name__})")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"`{path}` must be a finite number, got {value}")
     return value
-
-
-def yaml_error(e: yaml.YAMLError, what: str) -> ConfigError:
-    return ConfigError(f"{what} is not valid YAML{yaml_problem(e)}")
 
 
 def did_you_mean(key: str, known: list[str], parent: str) -> str:
@@ -223,15 +203,14 @@ def did_you_mean(key: str, known: list[str], parent: str) -> str:
 
 
 def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
-    """Parse the YAML file, apply `section.key=value` overrides, merge a pretrained config.json under
-    the file's own model.base_model keys, build the dataclasses and validate them for `world_size`
-    ranks. Raises one ConfigError that lists every problem found."""
+    """Parse the YAML file, apply `section.key=value` overrides, merge a pretrained config.json under the file's own
+    model.base_model keys, build and validate the Config for `world_size` ranks; one ConfigError lists every problem."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"config file {path} does not exist")
     except yaml.YAMLError as e:
-        raise yaml_error(e, path) from None
+        raise ConfigError(f"{path} is not valid YAML{yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (training, batch, data, ...)")
     for item in overrides:
@@ -241,33 +220,26 @@ def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
         *parents, leaf = key.split(".")
         node = raw
         for part in parents:
-            if not isinstance(node.setdefault(part, {}), dict):
+            if not isinstance(node := node.setdefault(part, {}), dict):
                 raise ConfigError(f"override `{item}`: `{part}` is not a section")
-            node = node[part]
         try:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise yaml_error(e, f"the value of command-line override `{item}`") from None
-    errors, warnings = [], []
-    named = translate(raw, world_size, errors, warnings)  # Fast-LLM's newer keys become ours; errors name the user's
-    pretrained = raw.get("pretrained")
-    if isinstance(pretrained, dict) and pretrained.get("path"):
-        base = pretrained_architecture(pretrained["path"], raw.get("run"))
-        own = ((raw.get("model") or {}).get("base_model")) or {}
-        raw.setdefault("model", {})
-        notes = []
-        raw["model"] = dict(raw["model"] or {}, base_model=merge(base, own, "model.base_model", notes))
+            raise ConfigError(f"the value of command-line override `{item}` is not valid YAML"
+                              f"{yaml_problem(e)}") from None
+    errors, warnings, typed = [], [], []
+    raw, named = translate(raw, world_size, errors, warnings)  # newer keys become ours; errors name the user's
+    if isinstance(pretrained := raw.get("pretrained"), dict) and (folder := pretrained.get("path")):
+        base, notes, model = pretrained_architecture(folder, raw.get("run")), [], raw.get("model") or {}
+        raw["model"] = dict(model, base_model=merge(base, model.get("base_model") or {}, "model.base_model", notes))
         if os.environ.get("RANK", "0") == "0":
             for key, mine, theirs in notes:
-                print(f"{named.get(key, key)}: {mine!r} from {path} overrides {theirs!r} from "
-                      f"{pretrained['path']}/config.json")
-    typed = []
+                print(f"{named.get(key, key)}: {mine!r} from {path} overrides {theirs!r} from {folder}/config.json")
     config = build(Config, raw, "", typed)
-    # A key whose value had the wrong type kept its default: validate() (its messages start with their key) does
-    # not report that default's value. Our key paths in the messages become the ones the user wrote.
+    # A key of the wrong type kept its default: validate()'s messages on it (they start with the key) are left out.
     wrong = tuple(f"{key} " for key, _ in typed if key is not None)
     mine = [text for _, text in typed] + [e for e in validate(config, world_size) if not e.startswith(wrong)]
-    errors += [re.sub(r"[\w.]*\w", lambda key: named.get(key[0], key[0]), e) for e in mine]
+    errors += [re.sub(r"[\w.]*\w", lambda key: named.get(key[0], key[0]), e) for e in mine]  # the user's key paths
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     if int(os.environ.get("RANK", 0)) == 0:
@@ -280,20 +252,19 @@ def merge(base: dict, over: dict, path: str, notes: list) -> dict:
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            out[key] = merge(base[key], value, f"{path}.{key}", notes)
-        else:
-            if key in base and base[key] != value:
-                notes.append((f"{path}.{key}", value, base[key]))
-            out[key] = value
+            value = merge(base[key], value, f"{path}.{key}", notes)
+        elif key in base and base[key] != value:
+            notes.append((f"{path}.{key}", value, base[key]))
+        out[key] = value
     return out
 
 
 def validate(c: Config, world_size: int) -> list[str]:
     """What is wrong with values that the types alone don't rule out."""
-    t, lr, o, m = c.training, c.optimizer.learning_rate, c.optimizer, c.model.base_model.transformer
+    t, o, lr, b = c.training, c.optimizer, c.optimizer.learning_rate, c.batch
+    d, m = c.model.distributed, c.model.base_model.transformer
     checks = [
-        (t.train_iters is None or t.train_iters < 1,
-         f"training.train_iters is required and must be at least 1, got {t.train_iters}"),
+        ((t.train_iters or 0) < 1, f"training.train_iters is required and must be at least 1, got {t.train_iters}"),
         (t.logs.interval < 1, "training.logs.interval must be at least 1"),
         (t.validation.interval is not None and t.validation.interval < 1,
          "training.validation.interval must be at least 1 (or null: off)"),
@@ -310,9 +281,9 @@ def validate(c: Config, world_size: int) -> list[str]:
         (t.export.format != "llama", f"training.export.format `{t.export.format}` is not supported; use `llama`"),
         (t.export.interval is not None and t.export.interval < 1,
          "training.export.interval must be at least 1 (or null: off)"),
-        (c.batch.micro_batch_size < 1, "batch.micro_batch_size must be at least 1"),
-        (c.batch.sequence_length < 1, "batch.sequence_length must be at least 1"),
-        (c.batch.batch_size is None, "batch.batch_size is required"),
+        (b.micro_batch_size < 1, "batch.micro_batch_size must be at least 1"),
+        (b.sequence_length < 1, "batch.sequence_length must be at least 1"),
+        (b.batch_size is None, "batch.batch_size is required"),
         *((True, message) for message in c.data.errors()),
         (lr.base < 0 or lr.minimum < 0, "optimizer.learning_rate.base and .minimum must not be negative"),
         (lr.decay_style not in SCHEDULES,
@@ -326,12 +297,10 @@ def validate(c: Config, world_size: int) -> list[str]:
         *((True, message) for message in c.model.base_model.errors()),
         (c.model.multi_stage.zero_stage not in (1, 2), "model.multi_stage.zero_stage must be 1 or 2 (3, which shards "
          "the weights too, is not implemented; 2 trains the same model)"),
-        (c.model.distributed.training_dtype not in TRAINING_DTYPES,
-         f"model.distributed.training_dtype `{c.model.distributed.training_dtype}` must be one of "
-         f"{', '.join(TRAINING_DTYPES)}"),
-        (c.model.distributed.float8_matmuls
-         and any(n % 16 for n in (m.hidden_size, m.ffn_size, m.head_groups * m.head_dim,
-                                  c.batch.micro_batch_size * c.batch.sequence_length)),
+        (d.training_dtype not in TRAINING_DTYPES,
+         f"model.distributed.training_dtype `{d.training_dtype}` must be one of {', '.join(TRAINING_DTYPES)}"),
+        (d.float8_matmuls and any(n % 16 for n in (m.hidden_size, m.ffn_size, m.head_groups * m.head_dim,
+                                                   b.micro_batch_size * b.sequence_length)),
          "model.distributed.float8_matmuls needs multiples of 16 (torch._scaled_mm's): transformer.hidden_size, "
          "ffn_hidden_size, head_groups x the head dimension, and batch.micro_batch_size x sequence_length"),
         (c.run.experiment_dir is None, "run.experiment_dir is required"),
@@ -339,22 +308,14 @@ def validate(c: Config, world_size: int) -> list[str]:
          "pretrained.format must be `llama` and pretrained.path is required"),
     ]
     errors = [message for failed, message in checks if failed]
-    b = c.batch
-    if b.batch_size is not None and b.micro_batch_size >= 1 and b.batch_size % (b.micro_batch_size * world_size):
-        unit = b.micro_batch_size * world_size
+    if b.batch_size is not None and b.micro_batch_size > 0 and b.batch_size % (unit := b.micro_batch_size * world_size):
         fits = sorted({max(unit, b.batch_size // unit * unit), (b.batch_size // unit + 1) * unit})
-        micro = [d for d in range(1, b.batch_size + 1) if b.batch_size % (d * world_size) == 0]
-        errors.append(
-            f"batch.batch_size {b.batch_size} is not a whole number of micro-batches: micro_batch_size "
-            f"{b.micro_batch_size} x {world_size} rank(s) = {unit} sequences per accumulation step. "
-            f"batch_size values that fit: {' or '.join(map(str, fits))}; "
-            f"micro_batch_size values that fit: {', '.join(map(str, micro)) or 'none at this number of ranks'}"
-        )
+        micro = [n for n in range(1, b.batch_size + 1) if b.batch_size % (n * world_size) == 0]
+        errors.append(f"batch.batch_size {b.batch_size} is not a whole number of micro-batches: micro_batch_size "
+                      f"{b.micro_batch_size} x {world_size} rank(s) = {unit} sequences per accumulation step. "
+                      f"batch_size values that fit: {' or '.join(map(str, fits))}; micro_batch_size values that "
+                      f"fit: {', '.join(map(str, micro)) or 'none at this number of ranks'}")
     return errors
-
-
-SCHEDULES = ("constant", "linear", "cosine", "power")
-
 
 
 def pretrained_architecture(path: str, run) -> dict:
@@ -367,35 +328,29 @@ def pretrained_architecture(path: str, run) -> dict:
     return export.base_model_dict_from_hf(path)
 
 
-
 # ---------------------------------------------------------------------------------------------
-# Fast-LLM's newer schema (v0.4, 2026) says the same under other names: the architecture as embeddings /
-# decoder.block.{mixer, mlp} / head, micro-batches in tokens, datasets and evaluators by name. `translate`
-# rewrites such a file into the schema above before `build` (docs/schema.md, "Schema generations").
+# Fast-LLM's newer schema (v0.4) has the architecture as embeddings / decoder.block.{mixer, mlp} / head, micro-batches
+# in tokens, datasets and evaluators by name; `translate` rewrites it into ours (docs/schema.md, "Schema generations").
 
 B, T, D = "model.base_model.", "model.base_model.transformer.", "model.distributed."
 MIXER, MLP, NORM = B + "decoder.block.mixer.", B + "decoder.block.mlp.", "normalization."
 RENAMES = {  # a newer key -> ours; two newer keys of one of ours must agree
-    D + "compute_dtype": D + "training_dtype", B + "hidden_size": T + "hidden_size",
-    B + "tied_embedding_weight": B + "tie_word_embeddings", B + "embeddings.vocab_size": B + "vocab_size",
-    B + "embeddings.position_embeddings.enabled": B + "use_position_embeddings",
-    B + "decoder.num_blocks": T + "num_layers", MIXER + "heads": T + "num_attention_heads",
-    MIXER + "head_groups": T + "head_groups", MIXER + "head_size": T + "kv_channels",
-    MIXER + "add_linear_biases": T + "add_linear_biases", MLP + "add_linear_biases": T + "add_linear_biases",
-    MLP + "intermediate_size": T + "ffn_hidden_size", MLP + "gated": T + "gated",
-    MLP + "activation": T + "activation_type",
-    **{f"{B}{part}.{NORM}{key}": f"{T}{NORM}{key}"  # one setting for every norm here
-       for part in ("decoder.block", "head") for key in ("type", "epsilon")},
+    D + "compute_dtype": D + "training_dtype", B + "tied_embedding_weight": B + "tie_word_embeddings",
+    B + "hidden_size": T + "hidden_size", B + "embeddings.position_embeddings.enabled": B + "use_position_embeddings",
+    B + "embeddings.vocab_size": B + "vocab_size", B + "decoder.num_blocks": T + "num_layers",
+    MIXER + "heads": T + "num_attention_heads", MIXER + "head_groups": T + "head_groups",
+    MIXER + "head_size": T + "kv_channels", MIXER + "add_linear_biases": T + "add_linear_biases",
+    MLP + "add_linear_biases": T + "add_linear_biases", MLP + "intermediate_size": T + "ffn_hidden_size",
+    MLP + "gated": T + "gated", MLP + "activation": T + "activation_type",
+    **{f"{B}{part}.{NORM}{key}": T + NORM + key for part in ("decoder.block", "head") for key in ("type", "epsilon")},
     **{f"{MIXER}rotary.{key}": f"{T}rotary.{key}"
        for key in ("scale_factor", "low_frequency_factor", "high_frequency_factor", "original_context_length")},
 }
 CHANGES = {  # newer keys (T: Fast-LLM 2025's) written otherwise here: ours, the change, why it may not apply
-    **{f"{where}rotary.type": (T + "rotary.scaling_type", {"default": "none", "llama3": "llama3"}.__getitem__,
-                               "Llama's rotary embeddings are default, or llama3 with Llama 3.1's scaling")
-       for where in (MIXER, T)},
-    **{f"{where}rotary.theta": (T + "rotary_embedding_scale", lambda theta: -math.log(theta), "must be positive")
-       for where in (MIXER, T)},
-}
+    f"{where}rotary.{key}": change for where in (MIXER, T) for key, change in [
+        ("type", (T + "rotary.scaling_type", {"default": "none", "llama3": "llama3"}.__getitem__,
+                  "Llama's rotary embeddings are default, or llama3 with Llama 3.1's scaling")),
+        ("theta", (T + "rotary_embedding_scale", lambda theta: -math.log(theta), "must be positive"))]}
 PAIRS = [(MIXER + "add_linear_biases", MLP + "add_linear_biases"),  # one setting here: set both or neither
          (f"{B}decoder.block.{NORM}epsilon", f"{B}head.{NORM}epsilon")]
 NEWER_DEFAULTS = {B + "tied_embedding_weight": False, MIXER + "head_size": 128, MLP + "intermediate_size": 4096}
@@ -416,8 +371,7 @@ NO_EFFECT = {path: (values, why) for paths, values, why in [  # Fast-LLM keys th
 ] for path in paths}
 BATCH = ("data.micro_batch_size", "data.maximum_document_length", "schedule.depth_first_micro_batches",
          "schedule.breadth_first_micro_batches")
-NEWER = (*BATCH, "schedule", "data.datasets", "training.evaluators", D + "compute_dtype", B + "hidden_size",
-         B + "tied_embedding_weight", B + "embeddings", B + "decoder", B + "head")
+SECTIONS = (B + "embeddings", B + "decoder", B + "head", "schedule")  # the newer schema's, absent from ours
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -438,11 +392,11 @@ def unflatten(flat: dict) -> dict:
     return tree
 
 
-def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]) -> dict[str, str]:
-    """Rewrite, in place, a file's keys of Fast-LLM's newer schema into ours (ours stay as they are). Returns
-    {our key path: the path the user wrote}, so that later messages name the user's keys."""
+def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]) -> tuple[dict, dict[str, str]]:
+    """The file with its keys of Fast-LLM's newer schema rewritten as ours (ours stay as they are), and {our key
+    path: the path the user wrote}, so that later messages name the user's keys."""
     flat, named = flatten(raw), {}
-    newer = any(p.startswith(NEWER) for p in flat)
+    newer = any(p.startswith((*BATCH, *RENAMES, *SECTIONS, "data.datasets", "training.evaluators")) for p in flat)
 
     def put(path: str, value, source: str):
         if path in flat and flat[path] != value:
@@ -454,16 +408,13 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
         sub = {p[len(path) + 1:]: flat.pop(p) for p in list(flat) if p.startswith(path + ".")}
         return flat.pop(path, unflatten(sub) if sub else default)
 
-    if newer and not flat.get("pretrained.path") and not any(p.startswith(T) for p in flat):
-        for path, value in NEWER_DEFAULTS.items():  # Fast-LLM's newer defaults where they differ from ours
-            if RENAMES[path] not in flat:
-                flat.setdefault(path, value)
+    if newer and not flat.get("pretrained.path") and not any(p.startswith(T) for p in flat):  # newer defaults, not ours
+        flat.update({p: v for p, v in NEWER_DEFAULTS.items() if p not in flat and RENAMES[p] not in flat})
     errors += [f"`{a}` and `{b}`: this model has one setting for both; set both, or neither"
                for a, b in PAIRS if (a in flat) != (b in flat)]
     for path, value in list(flat.items()):
         if path in RENAMES or path in CHANGES:
-            target, change, why = CHANGES.get(path, (RENAMES.get(path), None, ""))
-            del flat[path]
+            (target, change, why), _ = CHANGES.get(path, (RENAMES.get(path), None, "")), flat.pop(path)
             try:
                 put(target, change(value) if change else value, path)
             except (ValueError, TypeError, KeyError):
@@ -479,8 +430,7 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
     # sequences of maximum_document_length tokens (or micro_batch_size), so attention spans no more than there.
     if (sizes := [take(k) for k in BATCH]) != [None] * 4 or (newer and "batch" not in raw):
         tokens, longest, depth, breadth = (d if v is None else v for v, d in zip(sizes, (2048, None, 1, 1)))
-        valid = all(type(v) is int and v > 0 for v in sizes if v is not None)
-        length = min(tokens, longest or tokens) if valid else 0
+        length = min(tokens, longest or tokens) if all(type(v) is int and v > 0 for v in sizes if v is not None) else 0
         if not length or tokens % length:
             errors.append(f"{', '.join(f'`{k}: {v}`' for k, v in zip(BATCH, sizes) if v is not None)}: these must be "
                           "positive integers, maximum_document_length a divisor of micro_batch_size if smaller")
@@ -492,7 +442,8 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
             put("batch.micro_batch_size", tokens // length, BATCH[0])
             put("batch.batch_size", tokens // length * depth * breadth * world_size, BATCH[0])
 
-    # One loss evaluator becomes training.validation; its dataset, training.validation.path.
+    # One loss evaluator becomes training.validation, its dataset training.validation.path; the training dataset
+    # becomes data.path (or data.format: random), read whole.
     evaluators, validation = take("training.evaluators", {}), None
     if isinstance(evaluators, dict) and ("evaluator" in evaluators or "interval" in evaluators):
         evaluators = {"validation": evaluators}  # the published Llama recipe's form, one level short
@@ -504,22 +455,17 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
         where, spec = f"training.evaluators.{name}", dict(spec) if isinstance(spec, dict) else {}
         nested = spec.pop("evaluator") if isinstance(spec.get("evaluator"), dict) else {}
         spec.update(nested)  # the recipe's form nests type, iterations and dataset_name under `evaluator`
-        inner = where + ".evaluator" if nested else where
-        kind, offset, validation = spec.pop("type", "loss"), spec.pop("offset", 0), spec.pop("dataset_name", name)
+        kind, offset, dataset = spec.pop("type", "loss"), spec.pop("offset", 0), spec.pop("dataset_name", name)
         interval, iterations = spec.pop("interval", None), spec.pop("iterations", None)
         errors += [f"unknown key `{where}.{key}`" for key in spec]
         if kind != "loss" or offset != 0:
             errors.append(f"`{where}`: type {kind}, offset {offset}: only the validation loss (type loss) at "
                           "multiples of the interval (offset 0) is implemented")
-        if interval is None or iterations is None:  # either one null turns it off
-            validation = None
-        else:
+        if interval is not None and iterations is not None:  # either one null turns it off
+            validation = dataset
             put("training.validation.interval", interval, where + ".interval")
-            put("training.validation.iterations", iterations, inner + ".iterations")
-
-    # The training dataset becomes data.path (or data.format: random), read whole.
-    datasets = take("data.datasets", {})
-    if not isinstance(datasets, dict):
+            put("training.validation.iterations", iterations, where + (".evaluator" if nested else "") + ".iterations")
+    if not isinstance(datasets := take("data.datasets", {}), dict):
         errors.append(f"`data.datasets` must be a mapping of datasets by name, got {datasets!r}")
         datasets = {}
     random_training = isinstance(datasets.get("training"), dict) and datasets["training"].get("type") == "random"
@@ -541,11 +487,9 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
     if validation is not None and validation not in datasets:
         errors.append(f"`training.evaluators` validate on dataset `{validation}`, which data.datasets does not define")
 
-    for path in [p for p in flat if p.startswith((B + "embeddings", B + "decoder", B + "head", "schedule"))]:
+    for path in [p for p in flat if p.startswith(SECTIONS)]:
         if flat.pop(path) not in (None, {}):  # what is left in a newer section, but an empty mapping, is unknown
             parent, _, key = path.rpartition(".")
             known = [k.rpartition(".")[2] for k in (*RENAMES, *NO_EFFECT) if k.startswith(parent + ".")]
             errors.append(f"unknown key `{path}`.{did_you_mean(key, known, parent)}")
-    raw.clear()
-    raw.update(unflatten(flat))
-    return {ours: theirs for ours, theirs in named.items() if ours != theirs}
+    return unflatten(flat), {ours: theirs for ours, theirs in named.items() if ours != theirs}
