@@ -396,9 +396,15 @@ def _one(spec, file: Path, where: str, depth: int) -> _Tokens:
 SPLITS = ("train", "validation", "test")
 
 
+SHUFFLES = ("epoch", "skip_first_epoch", "full", "disabled")  # Fast-LLM's values of data.sampling.shuffle
+
+
 @dataclass
 class SamplingConfig:
     use_loss_masking_spans: bool = False  # leave labels inside a dataset's loss-masking spans out of the loss
+    ignore_document_starts: bool = False  # (ours; Fast-LLM v0.4 always) no label predicts a document's first token
+    shuffle: str = "epoch"  # documents reshuffled every epoch; skip_first_epoch, full (all epochs at once), disabled
+    seed: int = 784569  # the document orders and the blend (Fast-LLM's default)
 
 
 @dataclass
@@ -415,6 +421,8 @@ class DataConfig:
              f"data.format: {self.format!r} is not one of 'file' (a dataset JSON) or 'random'."),
             (self.format == "file" and self.path is None, "data.path: required when data.format is 'file': the dataset "
              "JSON that `python prepare.py` wrote (e.g. data/demo/fast_llm_dataset.json) or a Fast-LLM dataset YAML."),
+            (self.sampling.shuffle not in SHUFFLES, f"data.sampling.shuffle: {self.sampling.shuffle!r} is not one of "
+             f"{', '.join(SHUFFLES)}."),
             (len(self.split) != 3 or not all(0 <= w < float("inf") for w in self.split) or sum(self.split) <= 0,
              f"data.split: {self.split} must be three non-negative weights (train, validation, test) with a "
              f"positive sum, e.g. [969, 30, 1]."),
@@ -428,58 +436,61 @@ def split_boundaries(num_documents: int, split) -> np.ndarray:
     return edges
 
 
-def epoch_index(windows: np.ndarray, weights: np.ndarray, seed: int, split_id: int, epoch: int) -> np.ndarray:
-    """Which window each sample of one epoch reads, as ids into the concatenated windows of all parts.
+class _Part:
+    """One dataset's share of one split, read as an endless stream of rounds: each round its documents in an order
+    that `shuffle` decides (a new permutation a round; `full` permutes `epochs` copies at once), end to end."""
 
-    An epoch has sum(windows) samples; part d (a dataset's share of the split) gets a share of them in
-    proportion to its weight, in a seeded shuffled order. Part d's samples continue its own stream:
-    its windows in a seeded order, reshuffled each time all have been read (so a part weighted
-    above its size repeats windows, one weighted below it reaches the rest in later epochs)."""
-    total = int(windows.sum())
-    counts = np.diff(split_boundaries(total, weights))  # proportional integers that sum to total
-    order = np.repeat(np.arange(len(windows), dtype=np.int32), counts)
-    np.random.default_rng([seed, split_id, 0, epoch]).shuffle(order)
-    by_part = np.argsort(order, kind="stable")  # sample positions grouped by part, in order
-    first_window, first_sample = np.concatenate([[0], np.cumsum(windows)]), np.concatenate([[0], np.cumsum(counts)])
-    index = np.empty(total, np.int64)
-    for d, (n, count) in enumerate(zip(windows.tolist(), counts.tolist())):
-        local = epoch * count + np.arange(count)  # positions in part d's own stream
-        window = np.empty(count, np.int64)
-        for part_epoch in range(local[0] // n, local[-1] // n + 1) if count else ():
-            hit = local // n == part_epoch
-            window[hit] = np.random.default_rng([seed, split_id, 1 + d, part_epoch]).permutation(n)[local[hit] % n]
-        index[by_part[first_sample[d] : first_sample[d + 1]]] = first_window[d] + window
-    return index
+    def __init__(self, dataset: _Tokens, first: int, last: int, weight: float, spans, shuffle: str, seed: list[int],
+                 epochs: int):
+        self.dataset, self.first, self.weight, self.spans = dataset, first, weight, spans
+        self.shuffle, self.seed = shuffle, seed
+        self.sizes = np.diff(dataset.cumsum[first : last + 1])
+        self.n, self.epochs = last - first, epochs if shuffle == "full" else 1
+        self.round_tokens = int(self.sizes.sum()) * self.epochs
+        self._round = (None, None, None)  # the last round read: its number, document order, their starts
 
+    def order(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Round r's documents (numbers within the part) and where each starts in the round."""
+        cached = self._round  # read once: another loader's thread may replace it
+        if cached[0] != r:
+            if self.shuffle == "disabled" or self.shuffle == "skip_first_epoch" and r == 0:
+                order = np.arange(self.n)
+            else:
+                order = np.random.default_rng([*self.seed, r]).permutation(self.n * self.epochs) % self.n
+            self._round = cached = (r, order, np.concatenate([[0], np.cumsum(self.sizes[order])]))
+        return cached[1:]
 
-# --------------------------------------------------------------------------------------------------
-# Data: what train.py reads.
-
-
-@dataclass
-class _Part:  # one dataset's share of one split
-    dataset: _Tokens
-    start: int  # first token of the split in the dataset's stream
-    windows: int  # windows of sequence_length + 1 tokens that fit in the split's tokens
-    weight: float  # the dataset's blend weight (normalized over the split's parts)
-    spans: tuple | None  # loss-masking spans in use: [begin, end) stream positions sorted by begin, max end so far
+    def pieces(self, position: int, length: int) -> list[tuple[int, int, int]]:
+        """(document in the dataset, its first token, tokens) for the stream's tokens position .. position+length-1."""
+        out = []
+        r, within = divmod(position, self.round_tokens)
+        order, starts = self.order(r)
+        i = int(np.searchsorted(starts, within, side="right")) - 1
+        while length > 0:
+            if i == len(order):
+                (order, starts), r, i = self.order(r + 1), r + 1, 0
+            doc, begin = int(order[i]), within - int(starts[i]) if not out else 0
+            take = min(length, int(self.sizes[doc]) - begin)
+            out.append((self.first + doc, begin, take))
+            length, i = length - take, i + 1
+        return out
 
 
 class Data:
-    """The samples of each split of `data:` (the module docstring says how they are drawn). vocab_size is
-    the model's: random tokens are drawn below it, file tokens at or above it are an error. cache_dir
-    keeps each epoch's sample index (train.py: the experiment's cache/); None builds them in memory."""
+    """The samples of each split of `data:` (the module docstring says how they are drawn). vocab_size is the model's:
+    random tokens are drawn below it, file tokens at or above it are an error. `seed` replaces data.sampling.seed
+    (tests). `horizon`: the samples the run reads of each split, which `full` shuffles over. cache_dir keeps each
+    token file's scanned range (train.py: the experiment's cache/)."""
 
-    def __init__(self, config: DataConfig, sequence_length: int, vocab_size: int, seed: int,
-                 cache_dir: str | Path | None = None):
+    def __init__(self, config: DataConfig, sequence_length: int, vocab_size: int, seed: int | None = None,
+                 cache_dir: str | Path | None = None, horizon: dict[str, int] | None = None):
         if errors := config.errors():
             raise DataError(" ".join(errors))
         self.config, self.sequence_length, self.vocab_size = config, sequence_length, vocab_size
-        self.seed = seed % 2**63  # numpy seeds are non-negative
+        self.seed = (config.sampling.seed if seed is None else seed) % 2**63  # numpy seeds are non-negative
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.tokenizer_path: Path | None = None
-        self._epochs: dict[str, tuple[int, np.ndarray]] = {}  # per split, the last epoch index used
-        self._lock = threading.Lock()  # a prefetch thread and the main thread may both read
+        self._blocks: dict[str, tuple] = {}  # per split, the last block of the blend read
         self.warnings: list[str] = []  # for the run's log: what the data holds that this run leaves unused
         if config.format == "random":
             return
@@ -495,21 +506,25 @@ class Data:
             self.warnings.append(f"data.sampling.use_loss_masking_spans: no dataset of {path} has loss-masking "
                                  f"spans; every token is trained on.")
         self._parts: dict[str, list[_Part]] = {s: [] for s in SPLITS}
-        for dataset, weight in datasets:
+        self._empty: dict[str, list[str]] = {s: [] for s in SPLITS}  # datasets with no document in a split
+        total = sum(weight for _, weight in datasets)
+        for d, (dataset, weight) in enumerate(datasets):
             spans = dataset.spans() if use_spans and dataset.has_spans else None
-            spans = None if spans is None else (spans, np.maximum.accumulate(spans[:, 1]))
             edges = split_boundaries(dataset.num_documents, config.split)
             for s, name in enumerate(SPLITS):
-                start, end = dataset.cumsum[edges[s]], dataset.cumsum[edges[s + 1]]
-                windows = max(0, int(end - start - 1) // sequence_length)
-                if windows:  # a dataset with nothing in this split leaves that split's blend
-                    self._parts[name].append(_Part(dataset, int(start), windows, weight, spans))
-        if not self._parts["train"]:
+                tokens = int(dataset.cumsum[edges[s + 1]] - dataset.cumsum[edges[s]])
+                # `full` permutes at once the epochs the run reads of this part (at least one).
+                needed = (horizon or {}).get(name, 0) * weight / total * sequence_length
+                epochs = max(1, -(-int(needed) // max(tokens, 1)))
+                if tokens:
+                    self._parts[name].append(_Part(dataset, int(edges[s]), int(edges[s + 1]), weight, spans,
+                                                   config.sampling.shuffle, [self.seed, s, 1 + d], epochs))
+                else:
+                    self._empty[name].append(dataset.name)
+        if not self._parts["train"] or self._empty["train"]:
             raise DataError(f"data.path: {path}: the train split ({config.split[0]} of {config.split}) holds no "
-                            f"window of {sequence_length + 1} tokens in any dataset; use more data, a larger train "
-                            f"weight, or a shorter batch.sequence_length.")
-        # Nothing is written before the first sample index is built (or loaded): the caller may still reject the run.
-        self._cache_key, self._ranges = self._key(datasets), self._token_ranges(path, datasets)
+                            f"document of {', '.join(self._empty['train'])}; use more data or a larger train weight.")
+        self._ranges = self._token_ranges(path, datasets)  # written with the first samples: the run may be refused
 
     def _token_ranges(self, path: Path, datasets) -> dict[str, list[int]]:
         """Refuse tokens outside the model's vocabulary before anything is written: a tokenizer.json beside the
@@ -542,80 +557,81 @@ class Data:
         return ranges  # scanned here; written into cache_dir with the first sample index
 
     def num_samples(self, split: str) -> int:
-        """Samples in one epoch of the split; "random" data has no epochs and reports 2**62."""
+        """Samples in one epoch of the split (its tokens over sequence_length, at least one per dataset); 0 for a split
+        that a dataset has no document of; "random" data has no epochs and reports 2**62."""
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {SPLITS}")
-        return 2**62 if self.config.format == "random" else sum(part.windows for part in self._parts[split])
+        if self.config.format == "random":
+            return 2**62
+        parts = self._parts[split]
+        return 0 if self._empty[split] else sum(max(1, p.round_tokens // p.epochs // self.sequence_length)
+                                                for p in parts)
 
     def samples(self, split: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Samples start .. start+count-1 of the split's endless stream, (count, sequence_length+1) int64.
-        `out`, if given, receives them (the loader passes pinned memory)."""
+        """Samples start .. start+count-1 of the split's endless stream: (count, sequence_length + 1) int64 tokens."""
+        return self.read(split, start, count, out)[0]
+
+    def read(self, split: str, start: int, count: int, out: torch.Tensor | None = None):
+        """Samples start .. start+count-1 of the split's endless stream: their tokens (into `out`, if given: the
+        loader passes pinned memory), each token's document in its sample (count, sequence_length + 1) int32, and
+        which labels the loss leaves out (count, sequence_length) bool: those in loss-masking spans in use, and with
+        ignore_document_starts those of a document's first token (label j of a sample is its token j + 1)."""
         length = self.sequence_length + 1
         out = torch.empty((count, length), dtype=torch.int64) if out is None else out
-        buffer = out.numpy()
+        tokens, documents, ignored = out.numpy(), np.zeros((count, length), np.int32), np.zeros((count, length), bool)
         if self.config.format == "random":
             for k in range(count):
-                rng = np.random.default_rng([self.seed, SPLITS.index(split), start + k])
-                buffer[k] = rng.integers(0, self.vocab_size, length)
-            return out
-        parts, (part, first) = self._parts[split], self._windows(split, start, count)
-        for k, (p, position) in enumerate(zip(part.tolist(), first.tolist())):
-            buffer[k] = parts[p].dataset.read(position, length)  # tokens within the vocabulary: _token_ranges
-        return out
+                tokens[k] = np.random.default_rng([self.seed, SPLITS.index(split), start + k]).integers(
+                    0, self.vocab_size, length)
+            return out, documents, ignored[:, 1:]
+        parts, starts = self._parts[split], self.config.sampling.ignore_document_starts
+        for k, (p, j) in enumerate(zip(*self._sources(split, start, count))):
+            part, at = parts[p], 0
+            for i, (doc, begin, take) in enumerate(part.pieces(j * self.sequence_length, length)):
+                first = int(part.dataset.cumsum[doc])  # the document's first token in the dataset's stream
+                tokens[k, at : at + take] = part.dataset.read(first + begin, take)  # in the vocabulary: _token_ranges
+                documents[k, at : at + take] = i
+                ignored[k, at] = starts and begin == 0 and at > 0
+                if part.spans is not None:  # spans are [begin, end) stream positions sorted by begin
+                    lo, hi = np.searchsorted(part.spans[:, 0], [first, int(part.dataset.cumsum[doc + 1])])
+                    for b, e in (part.spans[lo:hi] - first - begin).clip(0, take).tolist():
+                        ignored[k, at + b : at + e] = True
+                at += take
+        if self._ranges and self.cache_dir:  # each token file's scanned [low, high], once the run reads
+            for key, bounds in self._ranges.items():
+                self._cache_write(self.cache_dir / f"tokens-{key}.json", lambda f: f.write(json.dumps(bounds).encode()))
+        self._ranges = {}
+        return out, documents, ignored[:, 1:]
 
     def ignored(self, split: str, start: int, count: int) -> np.ndarray | None:
-        """Which labels of samples start .. start+count-1 lie in loss-masking spans in use, (count,
-        sequence_length) bool (label j of a sample is its token j + 1); None if the split has no such spans."""
-        if self.config.format == "random" or all(part.spans is None for part in self._parts[split]):
-            return None
-        parts, (part, first) = self._parts[split], self._windows(split, start, count)
-        mask = np.zeros((count, self.sequence_length), bool)
-        for k, (p, label) in enumerate(zip(part.tolist(), (first + 1).tolist())):  # label 0's stream position
-            if parts[p].spans is not None:
-                spans, reach = parts[p].spans
-                # Spans before `lo` end before label 0 (reach: the largest end so far), from `hi` on after the last.
-                lo = np.searchsorted(reach, label, side="right")
-                hi = np.searchsorted(spans[:, 0], label + self.sequence_length)
-                for begin, end in spans[lo:hi].tolist():
-                    mask[k, max(begin - label, 0) : max(end - label, 0)] = True
-        return mask
+        """read()'s labels left out, or None where a split leaves none out whatever the tokens (a test's shortcut)."""
+        mask = self.read(split, start, count)[2]
+        return mask if mask.any() else None
 
-    def _windows(self, split: str, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """For samples start .. start+count-1: the part each is read from and its first token in that part's stream."""
+    def _sources(self, split: str, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """For samples start .. start+count-1: the part each is read from and its number in that part's stream. The
+        split's stream is cut into blocks of num_samples(split) samples; in each, every part has its share of them by
+        its weight (a part of fewer tokens than a sample too, repeating its documents), in a seeded order."""
         n = self.num_samples(split)
         if n == 0:
-            raise DataError(f"data.split: the {split} split of {self.config.path} is empty (split "
-                            f"{self.config.split}); give it a larger weight, or turn off what reads it.")
-        epoch, within = np.divmod(np.arange(start, start + count), n)
-        window_id = np.empty(count, np.int64)
-        for e in np.unique(epoch).tolist():
-            window_id[epoch == e] = self._epoch_index(split, e)[within[epoch == e]]
-        first = np.cumsum([0] + [part.windows for part in self._parts[split]])
-        part = np.searchsorted(first, window_id, side="right") - 1
-        starts = np.array([p.start for p in self._parts[split]], np.int64)
-        return part, starts[part] + (window_id - first[part]) * self.sequence_length
-
-    def _epoch_index(self, split: str, epoch: int) -> np.ndarray:
-        with self._lock:
-            if self._epochs.get(split, (None,))[0] == epoch:
-                return self._epochs[split][1]
-            windows = np.array([part.windows for part in self._parts[split]], np.int64)
-            weights = np.array([part.weight for part in self._parts[split]])
-            path = self.cache_dir / f"{self._cache_key}-{split}-{epoch}.npy" if self.cache_dir else None
-            # The key covers every input and files appear whole (rename); still, a damaged index is built again.
-            try:
-                index = np.load(path, mmap_mode="r") if path is not None and path.is_file() else None
-            except (OSError, ValueError, EOFError):
-                index = None
-            if index is None or index.shape != (int(windows.sum()),) or index.dtype != np.int64:
-                index = epoch_index(windows, weights, self.seed, SPLITS.index(split), epoch)
-                if path is not None:
-                    self._cache_write(path, lambda f: np.save(f, index))
-            for key, bounds in self._ranges.items() if self.cache_dir else ():  # [low, high] of a token file
-                self._cache_write(self.cache_dir / f"tokens-{key}.json", lambda f: f.write(json.dumps(bounds).encode()))
-            self._ranges = {}
-            self._epochs[split] = (epoch, index)
-            return index
+            raise DataError(f"data.split: the {split} split ({self.config.split}) holds no document of "
+                            f"{', '.join(self._empty[split]) or self.config.path}; give it a larger weight, use more "
+                            f"data, or turn off what reads it.")
+        blocks, within = np.divmod(np.arange(start, start + count), n)
+        part, local = np.empty(count, np.int64), np.empty(count, np.int64)
+        for b in np.unique(blocks).tolist():
+            if self._blocks.get(split, (None,))[0] != b:
+                counts = np.diff(split_boundaries(n, [p.weight for p in self._parts[split]]))
+                order = np.repeat(np.arange(len(counts)), counts)
+                np.random.default_rng([self.seed, SPLITS.index(split), 0, b]).shuffle(order)
+                rank = np.empty(n, np.int64)  # how many samples of its part come before it in the block
+                by_part = np.argsort(order, kind="stable")
+                rank[by_part] = np.arange(n) - np.concatenate([[0], np.cumsum(counts)])[order[by_part]]
+                self._blocks[split] = (b, order, b * counts[order] + rank)
+            _, order, number = self._blocks[split]  # read once: another loader's thread may replace it
+            hit = blocks == b
+            part[hit], local[hit] = order[within[hit]], number[within[hit]]
+        return part, local
 
     def _cache_write(self, path: Path, write) -> None:
         """Temp + rename: a reader never sees half a file."""
@@ -624,12 +640,6 @@ class Data:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
-
-    def _key(self, datasets: list[tuple[_Tokens, float]]) -> str:
-        """A hash of everything the sample index depends on; a changed file (size, mtime) gives a new key."""
-        files = [[dataset.key(), weight] for dataset, weight in datasets]
-        what = [1, files, list(map(float, self.config.split)), self.sequence_length, self.seed]  # 1: index version
-        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,39 +655,39 @@ class Loader:
     memory and is copied without blocking. Labels inside loss-masking spans in use are IGNORE_INDEX."""
 
     def __init__(self, data: Data, split: str, consumed_samples: int, batch_size: int, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", documents: bool = False):
         self.per_rank, rest = divmod(batch_size, world_size)
         if rest or self.per_rank % micro_batch_size:
             raise DataError(f"batch.batch_size: {batch_size} sequences do not split into {world_size} ranks of "
                             f"micro-batches of {micro_batch_size}; use a multiple of {world_size * micro_batch_size}.")
         self.data, self.split, self.consumed_samples, self.rank = data, split, consumed_samples, rank
         self.batch_size, self.micro_batch_size, self.device = batch_size, micro_batch_size, torch.device(device)
+        self.documents = documents  # hand each token's document to the model (attention within documents)
         # One reader thread, kept for the loader's life: starting a thread per batch would make each step
         # wait for the new thread to hand back the GIL. At exit or on close() it ends (never a hang).
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"loader-{split}")
         self._ahead: tuple[int, concurrent.futures.Future] | None = None  # the next batch, being read
 
-    def _read(self, start: int) -> tuple[torch.Tensor, np.ndarray | None]:
+    def _read(self, start: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         out = torch.empty((self.per_rank, self.data.sequence_length + 1), dtype=torch.int64,
                           pin_memory=self.device.type == "cuda")
-        first = start + self.rank * self.per_rank
-        tokens = self.data.samples(self.split, first, self.per_rank, out=out)
-        return tokens, self.data.ignored(self.split, first, self.per_rank)
+        return self.data.read(self.split, start + self.rank * self.per_rank, self.per_rank, out=out)
 
-    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches of the next global batch: (inputs, labels), labels the inputs' next tokens."""
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """This rank's micro-batches of the next global batch: (inputs, labels, documents), labels the inputs' next
+        tokens, documents each input's document in its sample (or None when documents attend to each other)."""
         start, ahead, self._ahead = self.consumed_samples, self._ahead, None
         # The batch read ahead is used only if nobody moved consumed_samples since; result() re-raises.
-        tokens, ignored = ahead[1].result() if ahead is not None and ahead[0] == start else self._read(start)
+        tokens, documents, ignored = ahead[1].result() if ahead is not None and ahead[0] == start else self._read(start)
         tokens = tokens.to(self.device, non_blocking=True)
-        labels = tokens[:, 1:]
-        if ignored is not None:
-            labels = labels.masked_fill(torch.from_numpy(ignored).to(self.device), IGNORE_INDEX)
-        pairs = list(zip(tokens[:, :-1].split(self.micro_batch_size), labels.split(self.micro_batch_size)))
+        labels = tokens[:, 1:].masked_fill(torch.from_numpy(ignored).to(self.device), IGNORE_INDEX)
+        documents = torch.from_numpy(documents[:, :-1]).to(self.device) if self.documents else None
+        micro = [x.split(self.micro_batch_size) for x in (tokens[:, :-1], labels)]
+        batch = list(zip(*micro, documents.split(self.micro_batch_size) if self.documents else [None] * len(micro[0])))
         # The next read starts last: its thread holds the GIL for long stretches that this one would wait out.
         self.consumed_samples = start + self.batch_size
         self._ahead = (self.consumed_samples, self._reader.submit(self._read, self.consumed_samples))
-        return pairs
+        return batch
 
     def close(self):
         self._reader.shutdown(wait=True)

@@ -79,6 +79,7 @@ class BatchConfig:
     micro_batch_size: int = 1  # sequences per forward/backward on one device
     sequence_length: int = 2048  # tokens per sequence
     batch_size: int | None = None  # required: sequences per optimizer step over all ranks
+    cross_document_attention: bool = True  # false: a token attends only within its own document of a sequence
 
 
 @dataclass
@@ -110,7 +111,7 @@ class MultiStageConfig:
 class DistributedConfig:
     training_dtype: str = "float32"  # float32 (fp32), bf16 (bfloat16), float16 (fp16); masters stay float32
     float8_matmuls: bool = False  # (ours) the blocks' projections multiply in float8 (kernels.py, README: when)
-    seed: int = 1234  # Fast-LLM's key: weight init and every random choice of the run
+    seed: int = 1234  # Fast-LLM's key: the weight init (the data has data.sampling.seed)
 
 
 @dataclass
@@ -345,12 +346,20 @@ RENAMES = {  # a newer key -> ours; two newer keys of one of ours must agree
     **{f"{B}{part}.{NORM}{key}": T + NORM + key for part in ("decoder.block", "head") for key in ("type", "epsilon")},
     **{f"{MIXER}rotary.{key}": f"{T}rotary.{key}"
        for key in ("scale_factor", "low_frequency_factor", "high_frequency_factor", "original_context_length")},
+    MIXER + "cross_document_attention": "batch.cross_document_attention", "data.seed": "data.sampling.seed",
+    "data.shuffle": "data.sampling.shuffle",
 }
 CHANGES = {  # newer keys (T: Fast-LLM 2025's) written otherwise here: ours, the change, why it may not apply
     f"{where}rotary.{key}": change for where in (MIXER, T) for key, change in [
         ("type", (T + "rotary.scaling_type", {"default": "none", "llama3": "llama3"}.__getitem__,
                   "Llama's rotary embeddings are default, or llama3 with Llama 3.1's scaling")),
         ("theta", (T + "rotary_embedding_scale", lambda theta: -math.log(theta), "must be positive"))]}
+CHANGES[T + "cross_document_attention"] = ("batch.cross_document_attention", bool, "")  # early 2025's place
+# What Fast-LLM's newer schema always does, and has no key for: documents of a sequence apart, their first tokens
+# and the loss-masking spans not predicted.
+NEWER_SEMANTICS = {"batch.cross_document_attention": False, "data.sampling.use_loss_masking_spans": True,
+                   "data.sampling.ignore_document_starts": True}
+PHASES = {"Training": "training", "Validation": "validation", "Test": "test"}  # datasets' names before 2025-03
 PAIRS = [(MIXER + "add_linear_biases", MLP + "add_linear_biases"),  # one setting here: set both or neither
          (f"{B}decoder.block.{NORM}epsilon", f"{B}head.{NORM}epsilon")]
 NEWER_DEFAULTS = {B + "tied_embedding_weight": False, MIXER + "head_size": 128, MLP + "intermediate_size": 4096}
@@ -361,13 +370,12 @@ NO_EFFECT = {path: (values, why) for paths, values, why in [  # Fast-LLM keys th
     ((D + "sequence_tensor_parallel",), (False,), "sequence parallelism is not implemented"),
     ((B + "embeddings.dropout", B + "decoder.block.dropout", MIXER + "dropout", T + "attention_dropout",
       T + "hidden_dropout"), (0,), "dropout is not implemented"),
-    ((MIXER + "window_size", T + "window_size"), (None,), "sliding-window attention is not implemented"),
     ((MIXER + "type", MLP + "type"), ("attention", "mlp"), "a block is attention and a dense MLP here"),
     ((D + "optimization_dtype",), ("float32", "fp32"), "master weights and optimizer state are float32 here"),
     (("data.truncate_documents",), (True,), "documents are cut at sequence boundaries; padding is not implemented"),
     ((MIXER + "use_flash_attention", MIXER + "implementation", T + "use_flash_attention", D + "timeout",
-      "training.timeout", "training.num_workers", "data.seed", "data.sampling.seed", "data.gpu", "data.sampling.gpu",
-      "schedule.micro_batch_splits"), None, ""),
+      "training.timeout", "training.num_workers", "data.gpu", "data.sampling.gpu", "schedule.micro_batch_splits"), None,
+     ""),
 ] for path in paths}
 BATCH = ("data.micro_batch_size", "data.maximum_document_length", "schedule.depth_first_micro_batches",
          "schedule.breadth_first_micro_batches")
@@ -426,6 +434,9 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
             else:
                 errors.append(f"`{path}: {value!r}` can't be matched: {why}")
 
+    early = any(p.startswith(tuple(f"data.datasets.{name}" for name in PHASES)) for p in flat)  # early 2025: not v0.4
+    flat.update({p: v for p, v in NEWER_SEMANTICS.items() if newer and not early and p not in flat})
+
     # The batch: on each rank, depth_first x breadth_first micro-batches of micro_batch_size tokens a step. Here:
     # sequences of maximum_document_length tokens (or micro_batch_size), so attention spans no more than there.
     if (sizes := [take(k) for k in BATCH]) != [None] * 4 or (newer and "batch" not in raw):
@@ -436,8 +447,6 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
                           "positive integers, maximum_document_length a divisor of micro_batch_size if smaller")
             put("batch.batch_size", world_size, BATCH[0])  # a stand-in, so that it isn't also reported missing
         else:
-            warnings.append(f"`{BATCH[0]}: {tokens}`: sequences of {length} tokens in which documents attend to each "
-                            "other (as in the seed schema); Fast-LLM's newer schema keeps them apart")
             put("batch.sequence_length", length, BATCH[1] if length < tokens else BATCH[0])
             put("batch.micro_batch_size", tokens // length, BATCH[0])
             put("batch.batch_size", tokens // length * depth * breadth * world_size, BATCH[0])
@@ -468,6 +477,11 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
     if not isinstance(datasets := take("data.datasets", {}), dict):
         errors.append(f"`data.datasets` must be a mapping of datasets by name, got {datasets!r}")
         datasets = {}
+    warnings += [f"`data.datasets.{old}`: Fast-LLM's name before 2025-03, read as `{PHASES[old]}`" for old in datasets
+                 if old in PHASES]
+    datasets = {PHASES.get(name, name): spec for name, spec in datasets.items()}
+    if validation is None and "validation" in datasets and "training.validation.interval" in flat:
+        validation = "validation"  # training.validation, as then, reads it
     random_training = isinstance(datasets.get("training"), dict) and datasets["training"].get("type") == "random"
     for name, spec in datasets.items():
         where, kind = f"data.datasets.{name}", spec.get("type") if isinstance(spec, dict) else None
@@ -487,6 +501,13 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
     if validation is not None and validation not in datasets:
         errors.append(f"`training.evaluators` validate on dataset `{validation}`, which data.datasets does not define")
 
+    length = flat.get("batch.sequence_length", BatchConfig.sequence_length)
+    for path in (MIXER + "window_size", T + "window_size"):  # a window as long as the sequences changes nothing
+        if (window := take(path)) is not None and (type(window) is not int or window < length):
+            errors.append(f"`{path}: {window!r}`: sliding-window attention is not implemented; a window of at least "
+                          f"batch.sequence_length ({length}) tokens is full attention")
+        elif window is not None:
+            warnings.append(f"`{path}: {window}` is at least batch.sequence_length ({length}): changes nothing here")
     for path in [p for p in flat if p.startswith(SECTIONS)]:
         if flat.pop(path) not in (None, {}):  # what is left in a newer section, but an empty mapping, is unknown
             parent, _, key = path.rpartition(".")

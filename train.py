@@ -68,14 +68,17 @@ class Trainer:
             if self.rank == 0:
                 print(f"loaded pretrained weights from {config.pretrained.path}")
 
-        seed = config.model.distributed.seed
-        self.data = Data(config.data, b.sequence_length, m.vocab_size, seed, self.exp / "cache")
+        # The samples each split's reader takes over the whole run (data.sampling.shuffle: full shuffles over them).
+        passes = t.train_iters // t.validation.interval + 1 if t.validation.interval else 0
+        horizon = {"train": t.train_iters, "validation": passes * (t.validation.iterations or 0), "test": t.test_iters}
+        horizon = {split: steps * b.batch_size for split, steps in horizon.items()}
+        self.data = Data(config.data, b.sequence_length, m.vocab_size, cache_dir=self.exp / "cache", horizon=horizon)
         self.sources = {s: (self.data, s) for s in ("train", "validation", "test")}  # each split's Data and name
         if t.validation.path is not None:  # a dataset of its own, read whole: the train split of a [1, 0, 0] split
             own = dataclasses.replace(config.data, format="file", path=t.validation.path, split=[1, 0, 0])
             try:
-                self.sources["validation"] = (Data(own, b.sequence_length, m.vocab_size, seed, self.exp / "cache"),
-                                              "train")
+                self.sources["validation"] = (Data(own, b.sequence_length, m.vocab_size, cache_dir=self.exp / "cache",
+                                                   horizon={"train": horizon["validation"]}), "train")
             except DataError as e:
                 raise DataError(f"training.validation.path {t.validation.path} (the validation dataset): {e}") from None
         for split, wanted, key in (("validation", t.validation.interval is not None, "training.validation is on"),
@@ -169,7 +172,8 @@ class Trainer:
         """This rank's batches of `split`, from the `consumed`-th global sample on."""
         (data, name), b = self.sources[split], self.config.batch
         return Loader(data, name, consumed_samples=consumed, batch_size=b.batch_size,
-                      micro_batch_size=b.micro_batch_size, rank=self.rank, world_size=self.world, device=self.device)
+                      micro_batch_size=b.micro_batch_size, rank=self.rank, world_size=self.world, device=self.device,
+                      documents=not b.cross_document_attention)
 
     def log_schedule_changes(self) -> None:
         """A resume whose schedule differs from the checkpoint's says what moved, and the learning rate."""
@@ -193,18 +197,18 @@ class Trainer:
         # The step's loss is the mean over its labelled tokens on all ranks, as Fast-LLM's (labels in a
         # loss-masking span don't count): each micro-batch's mean weighs in by its share of them, which is
         # 1 / (micro-batches x ranks) when no label is masked. A micro-batch with no label adds nothing.
-        counts = [(labels != IGNORE_INDEX).sum() for _, labels in micro_batches]
+        counts = [(labels != IGNORE_INDEX).sum() for _, labels, _ in micro_batches]
         total = sum(counts)
         if self.world > 1:
             dist.all_reduce(total)
         self.optimizer.zero_grad()
         interval_loss = self.interval_loss.clone()  # becomes the interval's sum if the step is kept
-        for (inputs, labels), count in zip(micro_batches, counts):
+        for (inputs, labels, documents), count in zip(micro_batches, counts):
             # The loss-scaling contract: model() returns the mean loss over a micro-batch's labelled tokens,
             # kernels.py's fused cross-entropy makes that mean's gradient, scaled by what backward passes in,
             # and zero.py sums gradients over micro-batches and ranks. Weighting each micro-batch by its
             # share of the step's labels makes that sum the gradient of the step's mean loss.
-            loss = torch.where(count > 0, self.model(inputs, labels) * count / total, 0.0)
+            loss = torch.where(count > 0, self.model(inputs, labels, documents) * count / total, 0.0)
             loss.backward()
             interval_loss += loss.detach()  # this rank's share of the step's mean; the log adds the ranks' up
         grad_norm = self.optimizer.reduce()
@@ -483,9 +487,9 @@ def evaluate(model, loader: Loader, iterations: int, world: int, device) -> floa
     """The mean loss over all labelled tokens of the pass, on all ranks."""
     sums = torch.zeros(2, device=device)  # the loss summed over labelled tokens, and their number
     for _ in range(iterations):
-        for inputs, labels in loader.next_batch():
+        for inputs, labels, documents in loader.next_batch():
             count = (labels != IGNORE_INDEX).sum()
-            sums += torch.stack([torch.where(count > 0, model(inputs, labels) * count, 0.0), count.float()])
+            sums += torch.stack([torch.where(count > 0, model(inputs, labels, documents) * count, 0.0), count.float()])
     if world > 1:
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
@@ -526,8 +530,7 @@ def dry_run(config: Config, rank: int, world: int) -> None:
     # of an earlier run but writing none.
     checked = d.format == "random" or Path(d.path).is_file()
     if checked:
-        Data(d, b.sequence_length, m.base_model.vocab_size, m.distributed.seed,
-             Path(config.run.experiment_dir) / "cache")
+        Data(d, b.sequence_length, m.base_model.vocab_size, cache_dir=Path(config.run.experiment_dir) / "cache")
     if rank == 0:
         print(f"parameters: {count_parameters(model)}\ntokens per step: {b.batch_size * b.sequence_length}\n"
               f"accumulation steps: {b.batch_size // (b.micro_batch_size * world)}"

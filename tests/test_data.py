@@ -1,5 +1,6 @@
 """data.py: the memmap format, the dataset JSON, splits, blends, sampling, the loader; prepare.py."""
 
+import dataclasses
 import json
 import re
 import struct
@@ -100,13 +101,13 @@ def test_dataset_written_byte_by_byte_reads_back(tmp_path, gap, order):
     for i, doc in enumerate(docs):
         assert ds.document(i).tolist() == doc
     stream = sum(docs, [])
-    # Through Data: with split [1, 0, 0] the train windows of length 5 + 1 are the stream cut at stride 5.
+    # Through Data: with split [1, 0, 0] and no shuffle the samples of 5 + 1 are the stream cut at stride 5, the
+    # last one running into the next epoch.
     path = write_json(tmp_path / "d.json", [{"prefix": "hand", "weight": 1}])
-    d = Data(DataConfig(path=str(path), split=[1, 0, 0]), 5, 1000, seed=0)
+    d = Data(DataConfig(path=str(path), split=[1, 0, 0], sampling=SamplingConfig(shuffle="disabled")), 5, 1000, 0)
     n = d.num_samples("train")
-    assert n == (65 - 1) // 5
-    got = sorted(d.samples("train", 0, n).tolist())
-    assert got == sorted(stream[5 * k : 5 * k + 6] for k in range(n))
+    assert n == 65 // 5
+    assert d.samples("train", 0, n).tolist() == [(stream * 2)[5 * k : 5 * k + 6] for k in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -371,14 +372,21 @@ def test_bad_config_values(config, message):
 
 def test_empty_train_split_and_empty_splits(tmp_path):
     stream_dataset(tmp_path, [10, 20, 30])
+    stream_dataset(tmp_path, [5] * 40, name="e", offset=1000)
     path = write_json(tmp_path / "d.json", [{"prefix": "d", "weight": 1}])
-    with pytest.raises(DataError, match="train split .* holds no window of 61 tokens"):
-        Data(DataConfig(path=str(path)), 60, 100, 0)
-    d = Data(DataConfig(path=str(path), split=[1, 0, 0]), 4, 100, 0)
+    with pytest.raises(DataError, match="train split .* holds no document of"):
+        Data(DataConfig(path=str(path), split=[0, 1, 0]), 60, 100, 0)
+    d = Data(DataConfig(path=str(path), split=[1, 0, 0]), 4, 2000, 0)
     assert d.num_samples("validation") == 0
     loader = Loader(d, "validation", 0, 2, 1)  # constructing one is fine: train.py builds it even when unused
-    with pytest.raises(DataError, match="validation split .* is empty"):
+    with pytest.raises(DataError, match="validation split .* holds no document of .*/d; give it a larger weight"):
         loader.next_batch()
+    # A blend part with no document in a split is never left out silently: reading the split names it.
+    both = write_json(tmp_path / "b.json", [{"prefix": "d", "weight": 1}, {"prefix": "e", "weight": 1}])
+    d = Data(DataConfig(path=str(both), split=[90, 10, 0]), 4, 2000, 0)
+    assert d.num_samples("validation") == 0 and d.num_samples("train") > 0
+    with pytest.raises(DataError, match=r"validation split \(\[90, 10, 0\]\) holds no document of .*/d;"):
+        d.samples("validation", 0, 1)
 
 
 def test_tokens_outside_the_vocabulary_are_refused_before_anything_is_written(tmp_path):
@@ -406,73 +414,80 @@ def test_tokens_outside_the_vocabulary_are_refused_before_anything_is_written(tm
     assert d._ranges == {}
 
 
-def test_a_damaged_cached_sample_index_is_built_again(tmp_path):
-    stream_dataset(tmp_path, [40, 40, 40])
-    path, cache = write_json(tmp_path / "d.json", [{"prefix": "d", "weight": 1}]), tmp_path / "cache"
-    config = DataConfig(path=str(path), split=[1, 0, 0])
-    expected = Data(config, 9, 1000, 0, cache).samples("train", 0, 8)
-    (index,) = cache.glob("*-train-0.npy")
-    for damage in (index.read_bytes()[:100], b"garbage", np.lib.format.header_data_from_array_1_0(np.zeros(3))):
-        index.write_bytes(damage if isinstance(damage, bytes) else b"")  # truncated, not an .npy, empty
-        assert torch.equal(Data(config, 9, 1000, 0, cache).samples("train", 0, 8), expected)
-    np.save(index, np.arange(3))  # a valid .npy of the wrong length
-    assert torch.equal(Data(config, 9, 1000, 0, cache).samples("train", 0, 8), expected)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Splits, windows, blends, determinism
 
 
-def test_splits_are_whole_disjoint_documents_and_windows_are_the_stream(tmp_path):
+def stream_of(d: Data, split: str, start: int, count: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Samples start .. start+count-1 laid end to end (consecutive samples share one token), and the pieces of
+    documents they hold, in order, as read() marks them."""
+    tokens, documents, _ = d.read(split, start, count)
+    tokens = tokens.numpy()
+    assert (tokens[:-1, -1] == tokens[1:, 0]).all()  # the last token of a sample starts the next
+    pieces = [row[documents[k, :-1] == i] for k, row in enumerate(tokens[:, :-1]) for i in np.unique(documents[k, :-1])]
+    return tokens[:, :-1].ravel(), pieces
+
+
+@pytest.mark.parametrize("shuffle", ["epoch", "disabled", "skip_first_epoch", "full"])
+def test_splits_are_whole_documents_read_as_a_shuffled_stream(tmp_path, shuffle):
     sizes = np.random.default_rng(0).integers(1, 30, 200).tolist()
     stream_dataset(tmp_path, sizes)
     path = write_json(tmp_path / "d.json", [{"prefix": "d", "weight": 1}])
     split, L = [80, 15, 5], 8
-    d = Data(DataConfig(path=str(path), split=split), L, 10_000, seed=3)
+    config = DataConfig(path=str(path), split=split, sampling=SamplingConfig(shuffle=shuffle))
+    d = Data(config, L, 10_000, seed=3, horizon={"train": 1000})
     edges = data.split_boundaries(200, split)
     assert edges.tolist() == [0, 160, 190, 200]
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    seen = set()
     for s, name in enumerate(SPLITS):
-        first, end = starts[edges[s]], starts[edges[s + 1]]  # the split's tokens, whole documents
-        n = d.num_samples(name)
-        assert n == (end - first - 1) // L
-        epoch = d.samples(name, 0, n).numpy()
-        # Each window is L + 1 consecutive stream tokens (across document boundaries), inside the split.
-        assert (np.diff(epoch, axis=1) == 1).all()
-        assert epoch.min() >= first and epoch.max() < end
-        # One epoch reads every window once, in shuffled order.
-        assert sorted(epoch[:, 0].tolist()) == list(range(first, first + n * L, L))
-        assert epoch[:, 0].tolist() != sorted(epoch[:, 0].tolist())
-        tokens = set(epoch.ravel().tolist())
-        assert not tokens & seen
-        seen |= tokens
-        # The next epoch is a different shuffle of the same windows.
-        again = d.samples(name, n, n).numpy()
-        assert sorted(again[:, 0].tolist()) == sorted(epoch[:, 0].tolist()) and (again != epoch).any()
+        documents = [list(range(starts[i], starts[i + 1])) for i in range(edges[s], edges[s + 1])]
+        n_tokens = sum(map(len, documents))
+        assert d.num_samples(name) == n_tokens // L
+        stream, pieces = stream_of(d, name, 0, 3 * n_tokens // L + 2)
+        # Every piece is a stretch of one document of the split, in its own order.
+        for piece in pieces:
+            assert (np.diff(piece) == 1).all() and any(piece[0] in doc and piece[-1] in doc for doc in documents)
+        # Each epoch reads each document once, whole (the tail too), in the order `shuffle` says.
+        rounds = [stream[e * n_tokens : (e + 1) * n_tokens] for e in range(3)]
+        for e, tokens in enumerate(rounds if shuffle != "full" or name != "train" else []):
+            assert sorted(tokens.tolist()) == [t for doc in documents for t in doc], (name, e)
+        in_order = [np.array_equal(r, np.concatenate(documents)) for r in rounds]
+        if shuffle == "epoch":
+            assert not any(in_order) and not np.array_equal(rounds[0], rounds[1])
+        elif shuffle == "disabled":
+            assert all(in_order)
+        elif shuffle == "skip_first_epoch":
+            assert in_order == [True, False, False]
+    if shuffle == "full":  # the run's epochs of train at once: each document as often, but not an epoch at a time
+        n_tokens = starts[160]
+        epochs = -(-1000 * L // n_tokens)
+        stream, _ = stream_of(d, "train", 0, epochs * n_tokens // L + 1)
+        whole = stream[: epochs * n_tokens]
+        assert epochs > 1 and sorted(whole.tolist()) == sorted(list(range(n_tokens)) * epochs)
+        assert sorted(whole[:n_tokens].tolist()) != list(range(n_tokens))
 
 
-def test_blend_proportions_and_empty_part_left_out(tmp_path):
+def test_blend_proportions_and_a_part_smaller_than_a_sample(tmp_path):
     stream_dataset(tmp_path, [40] * 50, name="a")  # tokens 0 .. 1999
     stream_dataset(tmp_path, [25] * 100, name="b", offset=10_000)  # tokens 10000 ..
-    stream_dataset(tmp_path, [30] * 2, name="c", offset=20_000)  # both documents go to train
+    stream_dataset(tmp_path, [3, 2], name="c", offset=20_000)  # 5 tokens, fewer than one sample: still its share
     path = write_json(tmp_path / "d.json", [{"prefix": "a", "weight": 3}, {"prefix": "b", "weight": 1},
                                             {"prefix": "c", "weight": 1}])
     d = Data(DataConfig(path=str(path), split=[8, 2, 0]), 7, 30_000, seed=1)
     n = d.num_samples("train")
-    source = d.samples("train", 0, 4 * n)[:, 0].numpy() // 10_000
+    tokens = d.samples("train", 0, 4 * n).numpy()
+    source = tokens[:, 0] // 10_000
     for epoch in range(4):
         counts = np.bincount(source[epoch * n : (epoch + 1) * n], minlength=3)
         assert counts.sum() == n and np.abs(counts - n * np.array([0.6, 0.2, 0.2])).max() <= 1
         assert counts.tolist() == np.diff(data.split_boundaries(n, [3, 1, 1])).tolist()  # the same every epoch
-    # c has no validation document, so validation blends a and b only, 3 : 1.
-    n = d.num_samples("validation")
-    source = d.samples("validation", 0, n)[:, 0].numpy() // 10_000
-    counts = np.bincount(source, minlength=3)
-    assert counts[2] == 0 and np.abs(counts[:2] - n * np.array([0.75, 0.25])).max() <= 1
+    assert set(tokens[source == 2].ravel().tolist()) == {20_000, 20_001, 20_002, 20_003, 20_004}  # c, repeated
+    # c has no validation document: validation is refused naming it, not blended without it
+    with pytest.raises(DataError, match="holds no document of .*/c"):
+        d.samples("validation", 0, 1)
 
 
-def test_deterministic_cached_and_keyed(tmp_path):
+def test_deterministic_and_keyed_on_the_seed(tmp_path):
     stream_dataset(tmp_path, [13] * 100)
     path = write_json(tmp_path / "d.json", [{"prefix": "d", "weight": 1}])
     config = DataConfig(path=str(path), split=[90, 8, 2])
@@ -480,21 +495,30 @@ def test_deterministic_cached_and_keyed(tmp_path):
     first = Data(config, 16, 2000, seed=5, cache_dir=cache)
     assert not cache.exists()  # constructing writes nothing
     reference = first.samples("train", 70, 150)
-    n = first.num_samples("train")
-    epochs = range(70 // n, (70 + 149) // n + 1)
-    indices = sorted(p.name.split("-", 1)[1] for p in cache.glob("*.npy"))
-    assert len(epochs) > 1 and indices == [f"train-{e}.npy" for e in epochs]
-    again = Data(config, 16, 2000, seed=5, cache_dir=cache)
-    assert torch.equal(again.samples("train", 70, 150), reference)  # read from the cache
-    assert torch.equal(Data(config, 16, 2000, seed=5).samples("train", 70, 150), reference)  # no cache
+    assert [p.name.split("-")[0] for p in cache.iterdir()] == ["tokens"]  # the scanned token range, nothing else
+    assert torch.equal(Data(config, 16, 2000, seed=5).samples("train", 70, 150), reference)
     assert not torch.equal(Data(config, 16, 2000, seed=6).samples("train", 70, 150), reference)
-    for i in range(150):  # any sample alone is the same sample
+    seeded = dataclasses.replace(config, sampling=SamplingConfig(seed=5))
+    assert torch.equal(Data(seeded, 16, 2000).samples("train", 70, 150), reference)  # data.sampling.seed
+    for i in range(150):  # any sample alone is the same sample, whatever was read before
         assert torch.equal(first.samples("train", 70 + i, 1)[0], reference[i])
-    # A changed dataset file (here: rewritten, so a new mtime and size) gets a new cache key.
-    stream_dataset(tmp_path, [13] * 101)
-    Data(config, 16, 2000, seed=5, cache_dir=cache).samples("train", 0, 1)
-    assert len({p.name.split("-")[0] for p in cache.glob("*.npy")}) == 2
     assert not list(cache.glob("*.tmp*"))
+
+
+def test_document_starts_and_their_labels(tmp_path):
+    stream_dataset(tmp_path, [5, 1, 9, 4, 30, 2])
+    path = write_json(tmp_path / "d.json", [{"prefix": "d", "weight": 1}])
+    config = DataConfig(path=str(path), split=[1, 0, 0], sampling=SamplingConfig(ignore_document_starts=True))
+    d = Data(config, 10, 100, seed=0)
+    starts = {0, 5, 6, 15, 19, 49}  # the first token of each document
+    tokens, documents, ignored = d.read("train", 0, 12)
+    tokens = tokens.numpy()
+    for k in range(12):
+        begins = np.flatnonzero(np.diff(documents[k]))  + 1  # where a new document starts in the sample
+        assert all(tokens[k, i] in starts for i in begins)
+        assert np.flatnonzero(ignored[k]).tolist() == (begins - 1).tolist()  # the label predicting it, only
+    plain = Data(dataclasses.replace(config, sampling=SamplingConfig()), 10, 100, seed=0).read("train", 0, 12)
+    assert torch.equal(plain[0], d.read("train", 0, 12)[0]) and not plain[2].any()
 
 
 def test_random_format():
@@ -524,9 +548,10 @@ def read_steps(data, steps, consumed=0, world=1, batch=12, micro=2):
     for _ in range(steps):
         parts = [loader.next_batch() for loader in loaders]
         assert all(len(p) == batch // world // micro for p in parts)
-        for inputs, labels in (pair for p in parts for pair in p):  # nothing masked: labels are the next tokens
+        for inputs, labels, documents in (micro for p in parts for micro in p):  # nothing masked: next tokens
+            assert documents is None  # documents attend to each other unless the loader is asked otherwise
             assert inputs.shape == labels.shape == (micro, 12) and torch.equal(inputs[:, 1:], labels[:, :-1])
-        out.append(torch.cat([torch.cat([x, y[:, -1:]], 1) for p in parts for x, y in p]))
+        out.append(torch.cat([torch.cat([x, y[:, -1:]], 1) for p in parts for x, y, _ in p]))
     assert {loader.consumed_samples for loader in loaders} == {consumed + steps * batch}
     for loader in loaders:
         loader.close()
@@ -550,7 +575,7 @@ def test_loader_follows_a_moved_position_and_checks_sizes(stream_data):
     loader = Loader(stream_data, "validation", 0, 4, 2)
     loader.next_batch()  # the batch at 4 is now read ahead ...
     loader.consumed_samples = 40  # ... but the caller moved the position: the read-ahead is dropped
-    assert torch.equal(torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in loader.next_batch()]),
+    assert torch.equal(torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y, _ in loader.next_batch()]),
                        stream_data.samples("validation", 40, 4))
     loader.close()
     with pytest.raises(DataError, match="do not split into 2 ranks of micro-batches of 4; use a multiple of 8"):
@@ -601,8 +626,8 @@ def test_spans_become_ignored_labels_in_every_window(tmp_path):
     pairs, tokens = loader.next_batch(), d.samples("train", 0, 4)
     loader.close()
     labels = torch.where(torch.from_numpy(d.ignored("train", 0, 4)), data.IGNORE_INDEX, tokens[:, 1:])
-    assert torch.equal(torch.cat([x for x, _ in pairs]), tokens[:, :-1])
-    assert torch.equal(torch.cat([y for _, y in pairs]), labels)
+    assert torch.equal(torch.cat([x for x, _, _ in pairs]), tokens[:, :-1])
+    assert torch.equal(torch.cat([y for _, y, _ in pairs]), labels)
 
 
 def test_spans_unused_are_said_once_and_change_nothing(tmp_path):
@@ -690,7 +715,7 @@ def test_step_loss_is_the_mean_over_labelled_tokens_however_the_batch_is_cut(tmp
     (loss_1, loss_4), (norm_1, norm_4) = ([train_metrics(e, key)[1] for e in runs] for key in ("loss", "grad_norm"))
     # By hand: the batch's labelled tokens, scored by the model as train.py initializes it.
     config = schema.load_config(str(tmp_path / "exp0.yaml"), ["data.sampling.use_loss_masking_spans=true"])
-    d = Data(config.data, 32, 64, seed=config.model.distributed.seed)
+    d = Data(config.data, 32, 64)  # data.sampling.seed, as train.py reads it
     tokens, ignored = d.samples("train", 0, 4), torch.from_numpy(d.ignored("train", 0, 4))
     assert 0 < ignored.sum() and len(set(ignored.sum(1).tolist())) > 1  # micro-batches of unequal labelled tokens
     torch.manual_seed(config.model.distributed.seed)

@@ -102,8 +102,8 @@ def test_a_bad_step_is_skipped_and_training_goes_on(setup, monkeypatch):
 
     real, calls = model.Llama.forward, [0]
 
-    def nan_on_step_5(self, tokens, labels=None):  # 2 micro-batches a step: step 5's second one
-        loss = real(self, tokens, labels)
+    def nan_on_step_5(self, tokens, labels=None, documents=None):  # 2 micro-batches a step: step 5's 2nd
+        loss = real(self, tokens, labels, documents)
         if labels is not None and torch.is_grad_enabled():
             calls[0] += 1
             if calls[0] == 10:
@@ -127,8 +127,8 @@ import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 import model, train
 real, calls = model.Llama.forward, [0]
-def forward(self, tokens, labels=None):
-    loss = real(self, tokens, labels)
+def forward(self, tokens, labels=None, documents=None):
+    loss = real(self, tokens, labels, documents)
     if labels is not None and model.torch.is_grad_enabled() and os.environ["RANK"] == "1":
         calls[0] += 1  # one micro-batch a step on each of the 2 ranks
         if calls[0] == 3:

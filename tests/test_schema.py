@@ -68,19 +68,23 @@ def test_recipe_with_the_architecture_from_a_pretrained_config_json(tmp_path):
 def test_the_two_recipes_give_the_same_run():
     """The newer recipe, with the seed's batch written in tokens (4 sequences of 4096 tokens a micro-batch, 15 of
     them a step on each of 8 ranks) and the seed's validation interval, is the seed recipe field by field, but for
-    what genuinely differs: the data files, and two keys the newer schema doesn't have."""
+    what genuinely differs: the data files, two keys the newer schema doesn't have, and what it always does (the
+    documents of a sequence apart, no label for their first tokens, loss-masking spans left out)."""
     overrides = ["data.micro_batch_size=16384", "schedule.depth_first_micro_batches=15",
                  "training.evaluators.validation.interval=1000"]
     seed = dataclasses.asdict(load_config(str(SEED), [], 8))
     ours = dataclasses.asdict(load_config(str(NEWER), overrides, 8))
     assert (ours["data"], ours["training"]["validation"].pop("path")) == (
         {"format": "file", "path": "fast-llm-tutorial/dataset/fast_llm_config_training.yaml",
-         "split": [1.0, 0.0, 0.0], "sampling": {"use_loss_masking_spans": False}},
+         "split": [1.0, 0.0, 0.0], "sampling": {"use_loss_masking_spans": True, "ignore_document_starts": True,
+                                                 "shuffle": "epoch", "seed": 784569}},
         "fast-llm-tutorial/dataset/fast_llm_config_validation.yaml")
     assert seed["data"]["split"] == [99, 1, 0] and seed["training"]["validation"].pop("path") is None
     seed_model, ours_model = seed["model"]["base_model"], ours["model"]["base_model"]
     assert (seed_model.pop("cross_entropy_impl"), ours_model.pop("cross_entropy_impl")) == ("fused", "auto")
     assert (seed_model.pop("use_position_embeddings"), ours_model.pop("use_position_embeddings")) == (False, None)
+    assert (seed["batch"].pop("cross_document_attention"), ours["batch"].pop("cross_document_attention")) == (
+        True, False)
     del seed["data"], ours["data"]
     assert ours == seed  # the model, the batches, the learning rates, the intervals, the dtypes, ZeRO
 
@@ -102,8 +106,10 @@ def test_a_tiny_pair_trains_to_the_same_losses(tmp_path):
     seed = {
         "training": {"train_iters": 6, "logs": {"interval": 1},
                      "validation": {"interval": 3, "iterations": 2, "path": valid_json}},
-        "batch": {"micro_batch_size": 2, "sequence_length": 16, "batch_size": 6},
-        "data": {"format": "file", "path": train_json, "split": [1, 0, 0]}, "optimizer": optimizer,
+        "batch": {"micro_batch_size": 2, "sequence_length": 16, "batch_size": 6, "cross_document_attention": False},
+        "data": {"format": "file", "path": train_json, "split": [1, 0, 0],  # what the newer schema always does:
+                 "sampling": {"use_loss_masking_spans": True, "ignore_document_starts": True}},
+        "optimizer": optimizer,
         "model": {"base_model": {"tie_word_embeddings": False, "vocab_size": 64, "transformer": {
             "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "head_groups": 2, "kv_channels": 8,
             "ffn_hidden_size": 64, "add_linear_biases": False,
@@ -211,7 +217,7 @@ def test_messages_name_the_keys_the_user_wrote(overrides, message):
     ("model.distributed.tensor_parallel", 1), ("model.distributed.pipeline_parallel", 1),
     ("model.distributed.sequence_data_parallel", 1), ("model.distributed.sequence_tensor_parallel", False),
     ("model.distributed.timeout", 3600), ("model.distributed.optimization_dtype", "fp32"),
-    ("data.seed", 784569), ("data.sampling.seed", 1234), ("data.truncate_documents", True),
+    ("data.truncate_documents", True),
     ("training.num_workers", 8), ("training.timeout", 3600), ("schedule.micro_batch_splits", 2),
 ])
 def test_keys_that_change_nothing_are_accepted_with_one_warning(capsys, key, value):
@@ -219,6 +225,25 @@ def test_keys_that_change_nothing_are_accepted_with_one_warning(capsys, key, val
     assert dataclasses.asdict(config) == dataclasses.asdict(load_config(str(NEWER), [], 8))
     warnings = [line for line in capsys.readouterr().err.splitlines() if key in line]
     assert warnings == [f"warning: `{key}: {value!r}` changes nothing here; ignored"]
+
+
+def test_keys_the_newer_schema_has_for_what_this_one_does_too(capsys, tmp_path):
+    """data.seed and data.shuffle (data.sampling's here), the mixer's cross_document_attention (the batch's here),
+    a window as long as the sequences, and the datasets' names before 2025-03."""
+    overrides = ["data.seed=7", "data.shuffle=disabled", "model.base_model.decoder.block.mixer.window_size=4096",
+                 "model.base_model.decoder.block.mixer.cross_document_attention=true"]
+    config = load_config(str(NEWER), overrides, 8)
+    assert (config.data.sampling.seed, config.data.sampling.shuffle, config.batch.cross_document_attention) == (
+        7, "disabled", True)
+    assert "window_size: 4096` is at least batch.sequence_length (4096): changes nothing here" in capsys.readouterr().err
+    early = yaml.safe_load(SEED.read_text())  # the seed recipe's generation, with named datasets as in early 2025
+    del early["data"]["path"], early["data"]["split"]
+    early["data"]["datasets"] = {"Training": {"type": "file", "path": "train.yaml"},
+                                 "Validation": {"type": "file", "path": "valid.yaml"}}
+    config = load_config(write(tmp_path, early), [], 8)
+    assert (config.data.path, config.training.validation.path) == ("train.yaml", "valid.yaml")
+    assert config.batch.cross_document_attention and not config.data.sampling.ignore_document_starts  # as then
+    assert "`data.datasets.Training`: Fast-LLM's name before 2025-03, read as `training`" in capsys.readouterr().err
 
 
 def test_the_seed_schemas_keys_of_that_kind_too(capsys):
@@ -238,7 +263,8 @@ def test_the_seed_schemas_keys_of_that_kind_too(capsys):
     ("model.distributed.sequence_data_parallel=2", "only data parallelism is implemented"),
     ("model.distributed.sequence_tensor_parallel=true", "sequence parallelism is not implemented"),
     ("model.multi_stage.zero_stage=3", "zero_stage must be 1 or 2 (3, which shards the weights too, is not"),
-    ("model.base_model.decoder.block.mixer.window_size=4096", "sliding-window attention is not implemented"),
+    ("model.base_model.decoder.block.mixer.window_size=1024", "sliding-window attention is not implemented; a "
+     "window of at least batch.sequence_length (4096) tokens is full attention"),
     ("model.base_model.decoder.block.mixer.rotary.type=yarn", "rotary.type: 'yarn'`: Llama's rotary embeddings are "
      "default, or llama3"),
     ("model.base_model.decoder.block.mlp.type=moe", "a block is attention and a dense MLP here"),
