@@ -12,6 +12,9 @@
 #   bash bench/gpu.sh issue14 DATA  gpu-marked tests; float8 against bf16: the cast, the matmuls, one block and the
 #                                1-GPU proxy (bench/float8.py speed); convergence of a 61M Llama on the demo dataset
 #                                whose JSON is DATA (bench/float8.py converge); the proxy by train.py, bf16 and float8
+#   bash bench/gpu.sh issue18    gpu-marked tests; one block within and across documents, beside transformers'
+#                                layer with the same mask (bench/documents.py block); the proxy by train.py on
+#                                documents of a web corpus's lengths, batch.cross_document_attention true and false
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
@@ -63,5 +66,15 @@ issue14)
     timeout 70 python train.py $seed model.base_model.transformer.num_layers=4 batch.batch_size=16 \
       model.base_model.recompute_layers=0 model.distributed.float8_matmuls=$f8 training.train_iters=7 \
       run.experiment_dir=/tmp/p$f8 2>&1 | grep -E "^(step|starting|error)|Error|error:" | tee -a "$OUT/proxy.txt"
+  done ;;
+issue18)
+  timeout 200 python -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+  timeout 150 python bench/documents.py block 2>&1 | tee "$OUT/block.md"
+  python bench/documents.py data /tmp/docs | tee "$OUT/docs.txt"
+  for cda in true false; do
+    timeout 100 python train.py $seed data.format=file data.path=/tmp/docs/d.json data.split=[1,0,0] \
+      model.base_model.transformer.num_layers=4 batch.batch_size=16 model.base_model.recompute_layers=0 \
+      batch.cross_document_attention=$cda training.train_iters=8 run.experiment_dir=/tmp/d$cda 2>&1 \
+      | grep -E "^(step|starting|error)|Error|error:" | tee -a "$OUT/proxy.txt"
   done ;;
 esac
