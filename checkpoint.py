@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,7 @@ class TrainerState:
     elapsed_s: float = 0.0  # wall-clock seconds of the run so far, over all its resumes
     skipped_in_a_row: int = 0  # non-finite steps skipped since the last good one
     interval: Interval = field(default_factory=Interval)  # the log interval so far
+    blend: list = field(default_factory=list)  # [dataset, tokens, share] read: a resume says if they changed
 
 
 def read_state(checkpoint: Path) -> TrainerState:
@@ -161,6 +164,7 @@ def check_checkpoint(checkpoint: Path, config) -> TrainerState:
     for key in EXECUTION_ONLY:
         saved.pop(key, None), ours.pop(key, None)
     if saved != ours:
+        saved, ours = leaves(saved), leaves(ours)
         diff = [f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here"
                 for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
         raise CheckpointError(
@@ -172,6 +176,12 @@ def check_checkpoint(checkpoint: Path, config) -> TrainerState:
         raise CheckpointError(f"{checkpoint} was trained with batch.sequence_length {state.sequence_length}, "
                               f"not {config.batch.sequence_length}")
     return state
+
+
+def leaves(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested mapping's leaves (to name the keys where two configs differ)."""
+    return {p: v for k, value in tree.items()
+            for p, v in (leaves(value, f"{prefix}{k}.") if isinstance(value, dict) else {prefix + k: value}).items()}
 
 
 def all_ok(ok: bool) -> bool:
@@ -273,30 +283,85 @@ def barrier():
 
 
 
-def check_shared(exp: Path, rank: int, world: int) -> None:
-    """Create the experiment folder; with several ranks, check that all of them see it, that is that it
-    is on a file system they share (the checkpoints need that), before anything else is written there."""
-    created = rank == 0 and not exp.exists()
+STALE_S = 900  # a lock of another host untouched this long is its run's, gone (it touches the lock every step)
+
+
+def lock_holder(exp: Path) -> str | None:
+    """Who holds run.experiment_dir's lock, if a live run does: 'host H, pid P, since T'. A lock left by a run
+    that is gone (on this host: no such process; on another: untouched for STALE_S seconds) counts as free."""
+    try:
+        holder = json.loads((exp / "lock").read_text())
+        age = time.time() - (exp / "lock").stat().st_mtime
+        host, pid = holder["host"], int(holder["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no lock, or half written by a run killed while taking it
+    if host == socket.gethostname():
+        if pid == os.getpid():  # not taken yet by this process: a container restarted gives the same pids again
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # another user's live process
+    elif age > STALE_S:
+        return None
+    return f"host {host}, pid {pid}, since {holder.get('since')}"
+
+
+def take_lock(exp: Path, rank: int, world: int) -> None:
+    """Create the experiment folder and take its lock (rank 0), so that one run at a time writes there; remove what
+    interrupted checkpoint writes left. With several ranks, check that all see the folder, that is that it is on
+    a file system they share (the checkpoints need that). Before anything else is written there."""
+    error, created = None, rank == 0 and not exp.exists()
     if rank == 0:
         exp.mkdir(parents=True, exist_ok=True)
-    if world == 1:
-        return
-    probe = exp / f".shared-{os.getpid()}"
-    if rank == 0:
-        probe.write_text("")
-    names = [probe.name]  # rank 0's (the pid differs between ranks)
-    dist.broadcast_object_list(names, src=0)
-    if not all_ok((exp / names[0]).exists()):
+        mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%F %T")})
+        try:  # created only if absent, atomically (also on NFS and Lustre): of two runs starting, one gets it
+            with open(exp / "lock", "x") as f:
+                f.write(mine)
+        except FileExistsError:
+            if holder := lock_holder(exp):
+                error = f"run.experiment_dir {exp} is in use by another run ({holder}); one run writes there at a time"
+            else:
+                print(f"warning: {exp / 'lock'}: the run that took it is gone; taking it over", file=sys.stderr)
+                (exp / f".lock-{os.getpid()}").write_text(mine)
+                (exp / f".lock-{os.getpid()}").replace(exp / "lock")
+        if error is None:
+            for leftover in (exp / "checkpoints").glob(".tmp-*"):  # a checkpoint whose write was interrupted
+                shutil.rmtree(leftover, ignore_errors=True)
+    if not all_ok(error is None):
+        raise CheckpointError(error or f"run.experiment_dir {exp}: refused on rank 0 (its message says why)")
+    if world > 1:
+        probe = [f".shared-{os.getpid()}"]  # rank 0's (the pid differs between ranks)
         if rank == 0:
-            probe.unlink()
+            (exp / probe[0]).write_text("")
+        dist.broadcast_object_list(probe, src=0)
+        seen = all_ok((exp / probe[0]).exists())
+        if rank == 0:
+            (exp / probe[0]).unlink()
+        if not seen:
+            release_lock(exp, rank)
             if created:
                 shutil.rmtree(exp, ignore_errors=True)
-        raise CheckpointError(f"run.experiment_dir {exp} is not the same folder on every rank: it must be on a "
-                              "file system that all nodes share (checkpoints are written by every rank, read by any)")
-    barrier()
-    if rank == 0:
-        probe.unlink()
+            raise CheckpointError(f"run.experiment_dir {exp} is not the same folder on every rank: it must be on "
+                                  "a file system that all nodes share (checkpoints are written by every rank, read by "
+                                  "any)")
 
+
+def touch_lock(exp: Path, rank: int) -> None:
+    """Rank 0 says, once a step, that its run is alive (see STALE_S)."""
+    with contextlib.suppress(OSError):
+        if rank == 0:
+            os.utime(exp / "lock")
+
+
+def release_lock(exp: Path, rank: int) -> None:
+    """Rank 0 removes the lock if it is this process's, and the folder if the run wrote nothing else there."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        if rank == 0 and json.loads((exp / "lock").read_text())["pid"] == os.getpid():
+            (exp / "lock").unlink()
+            exp.rmdir()  # only if empty
 
 
 def experiment_dir_problem(exp: Path) -> str | None:
@@ -308,6 +373,11 @@ def experiment_dir_problem(exp: Path) -> str | None:
         return f"run.experiment_dir {exp}: {existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"run.experiment_dir {exp}: {existing} is not writable (a read-only file system, or permissions)"
+    if (exp / "config.yaml").exists() and not (exp / "metrics.jsonl").exists():
+        return (f"run.experiment_dir {exp} holds a config.yaml that no run of this project wrote (there is no "
+                "metrics.jsonl beside it): a run writes its resolved config there; move yours, or use another folder")
+    if holder := lock_holder(exp):
+        return f"run.experiment_dir {exp} is in use by another run ({holder}); one run writes there at a time"
     return None
 
 

@@ -284,6 +284,10 @@ def _positive(weight) -> bool:
 
 def read_datasets(path: Path) -> list[tuple[_Tokens, float]]:
     """The datasets of data.path, validated, with their blend weights: a dataset JSON or Fast-LLM's YAML."""
+    if path.is_dir():
+        inside = [path / n for n in (DATASET_JSON, DATASET_YAML) if (path / n).is_file()]
+        raise DataError(f"data.path: {path} is a folder; name the dataset file in it"
+                        + (f": {inside[0]}" if inside else f" ({DATASET_JSON} or {DATASET_YAML})."))
     if not path.is_file():
         raise DataError(f"data.path: {path} not found; `python prepare.py --output DIR` writes "
                         f"DIR/{DATASET_JSON} (or DIR/{DATASET_YAML} with --format fast_llm).")
@@ -492,6 +496,7 @@ class Data:
         self.tokenizer_path: Path | None = None
         self._blocks: dict[str, tuple] = {}  # per split, the last block of the blend read
         self.warnings: list[str] = []  # for the run's log: what the data holds that this run leaves unused
+        self.blend: list[list] = []  # [name, tokens, share of the samples] of each dataset read
         if config.format == "random":
             return
         path = Path(config.path)
@@ -506,8 +511,9 @@ class Data:
             self.warnings.append(f"data.sampling.use_loss_masking_spans: no dataset of {path} has loss-masking "
                                  f"spans; every token is trained on.")
         self._parts: dict[str, list[_Part]] = {s: [] for s in SPLITS}
-        self._empty: dict[str, list[str]] = {s: [] for s in SPLITS}  # datasets with no document in a split
         total = sum(weight for _, weight in datasets)
+        self.blend = [[dataset.name, int(dataset.num_tokens), round(weight / total, 6)] for dataset, weight in datasets]
+        self._empty: dict[str, list[str]] = {s: [] for s in SPLITS}  # datasets with no document in a split
         for d, (dataset, weight) in enumerate(datasets):
             spans = dataset.spans() if use_spans and dataset.has_spans else None
             edges = split_boundaries(dataset.num_documents, config.split)

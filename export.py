@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import operator
+import os
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +25,10 @@ from safetensors.torch import load_file, save_file
 from checkpoint import checkpoint_steps, read_state
 from data import DataError, tokenizer_ids
 from model import BaseModelConfig, Llama
+
+
+UMASK = os.umask(0o022)  # read (it can only be read by setting it), then put back at once
+os.umask(UMASK)
 
 
 class ExportError(Exception):
@@ -217,6 +222,7 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
         for file, names in zip(files, shards):  # one shard at a time on the CPU
             save_file({hf_name(n): state_dict[n].detach().cpu().contiguous() for n in names}, tmp / file,
                       metadata={"format": "pt"})
+            os.chmod(tmp / file, 0o666 & ~UMASK)  # safetensors writes its files 0600: others may read the weights
         for name, content in jsons.items():
             (tmp / name).write_text(json.dumps(content, indent=2))
         if tokenizer_path is not None:
@@ -355,7 +361,9 @@ def main(argv=None) -> None:
         out = export_checkpoint(args.checkpoint, args.output, tokenizer_path=args.tokenizer,
                                 max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     except ExportError as e:
-        p.exit(2, f"export.py: error: {e}\n")  # as argparse reports a bad argument, without the usage
+        p.exit(2, f"export.py: error: {e}\n")
+    except OSError as e:  # an unwritable folder, a full disk: one line, as argparse reports a bad argument
+        p.exit(2, f"export.py: error: {e.filename or args.output}: {e.strerror or e}\n")
     tokenizer = (out / "tokenizer.json").is_file()
     print(f"exported {args.checkpoint} to {out}" + ("" if tokenizer else " (no tokenizer found: use --tokenizer)"))
 

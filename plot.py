@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def read(path: Path) -> list[dict]:
     lines = []
@@ -19,6 +21,13 @@ def read(path: Path) -> list[dict]:
         except ValueError:  # a line cut short by a crash: train.py drops it on resume
             pass
     return lines
+
+
+def token_axis(train: list[dict]):
+    """x of a line, in millions of tokens seen: the training lines count them, across resumes that changed the
+    batch; the other lines (validation, resumes, skipped steps) sit between the training lines around their step."""
+    steps, seen = [0] + [line["step"] for line in train], [0] + [line["tokens"] for line in train]
+    return lambda line: (line["tokens"] if "tokens" in line else float(np.interp(line["step"], steps, seen))) / 1e6
 
 
 def plot(exp: Path, output: Path) -> Path:
@@ -31,10 +40,7 @@ def plot(exp: Path, output: Path) -> Path:
     train = [line for line in lines if "loss" in line]
     if not train:
         raise ValueError(f"{exp / 'metrics.jsonl'} has no training line yet")
-    tokens_per_step = train[-1]["tokens"] / train[-1]["step"]  # a step's tokens are fixed for a run
-
-    def tokens(line):
-        return line["step"] * tokens_per_step / 1e6
+    tokens = token_axis(train)
 
     fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, figsize=(9, 9), sharex=True,
                                                    gridspec_kw={"height_ratios": [3, 1, 1]})

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import yaml
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
 from data import CODES, DATASET_JSON, DATASET_YAML, FILE_MAGIC, HEADER, MAGIC, DataError
@@ -164,14 +164,19 @@ def demo_documents() -> list[str]:
     return documents
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int, special_tokens: list[str]):
-    """A byte-level BPE (as GPT-2 and Llama 3: any text encodes) of vocab_size tokens, specials included."""
+def train_tokenizer(documents: Iterable[str], vocab_size: int, special_tokens: list[str], bos: str | None):
+    """A byte-level BPE (as GPT-2 and Llama 3: any text encodes) of vocab_size tokens, specials included.
+    Like Llama 3's, it starts what it encodes with BOS where the documents start with one, so that a prompt to
+    the exported model reads as training did. It adds no EOS: a prompt ending in EOS would end its document."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(documents, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
+    if bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
     return tokenizer
 
 
@@ -247,12 +252,16 @@ def prepare(args: argparse.Namespace):
             raise DataError(f"--tokenizer {args.tokenizer}: does not load as a Hugging Face tokenizer.json "
                             f"({e}).") from None
     else:  # training reads every input: a bad file fails here, before anything is written
-        tokenizer = train_tokenizer(read(), args.vocab_size, [args.bos_token, args.eos_token])
+        tokenizer = train_tokenizer(read(), args.vocab_size, [args.bos_token, args.eos_token],
+                                    args.bos_token if args.bos else None)
     specials = ((args.bos_token, args.bos), (args.eos_token, args.eos))
     if missing := [name for name, use in specials if use and tokenizer.token_to_id(name) is None]:
         raise DataError(f"--tokenizer {args.tokenizer}: no token {missing[0]!r}; name its BOS/EOS with "
                         f"--bos-token/--eos-token, or pass --no-bos/--no-eos.")
     bos, eos = ([tokenizer.token_to_id(name)] if use else [] for name, use in specials)
+    if args.tokenizer and bos and tokenizer.encode("a").ids[:1] != bos:  # kept as it is, byte for byte
+        print(f"warning: --tokenizer {args.tokenizer} does not start what it encodes with {args.bos_token}, as "
+              "the documents will: prompts to an exported model need it put first by hand", file=sys.stderr)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
 
@@ -274,30 +283,28 @@ def prepare(args: argparse.Namespace):
                 write = write_fast_llm_file if fast_llm else write_dataset
                 n, t = write(staging / name, _shard(first, docs, args.shard_tokens), dtype)
                 shards.append({"prefix": name, "num_documents": n, "num_tokens": t})
-        tokens = sum(entry["num_tokens"] for entry in shards)
+        tokens, documents = (sum(entry[key] for entry in shards) for key in ("num_tokens", "num_documents"))
         if tokens == 0:
             raise DataError(f"--input {' '.join(args.input or [])}: the inputs hold no text.")
+        if fast_llm:  # Fast-LLM's dataset config: one shard as it is, several blended by their tokens, as it does
+            memmaps = [{"type": "memmap", "path": entry["prefix"]} for entry in shards]
+            config = memmaps[0] if len(memmaps) == 1 else {
+                "type": "blended", "datasets": memmaps, "weights": [entry["num_tokens"] for entry in shards]}
+            metadata = {"num_tokens": tokens, "tokens": {"num_tokens": tokens, "num_documents": documents,
+                                                         "data_type": dtype.name}}
+            name, text = DATASET_YAML, yaml.safe_dump({"config": config, "metadata": metadata}, sort_keys=False)
+        else:  # each shard weighs its share of the tokens: the blend reads the corpus evenly
+            datasets = [dict(entry, weight=entry["num_tokens"] / tokens) for entry in shards]
+            name, text = DATASET_JSON, json.dumps({"datasets": datasets}, indent=2) + "\n"
+        (staging / name).write_text(text)  # staged too: a full disk here leaves nothing behind either
     except BaseException:
         shutil.rmtree(output if created else staging, ignore_errors=True)
         raise
     for path in existing:  # --overwrite: the old dataset file goes first, then its shards
         path.unlink()
-    for path in sorted(staging.iterdir()):
+    for path in sorted(staging.iterdir(), key=lambda path: path.name == name):  # the dataset file last
         os.replace(path, output / path.name)
     staging.rmdir()
-    documents = sum(entry["num_documents"] for entry in shards)
-    if fast_llm:  # Fast-LLM's dataset config: one shard as it is, several blended by their tokens, as Fast-LLM does
-        memmaps = [{"type": "memmap", "path": entry["prefix"]} for entry in shards]
-        config = memmaps[0] if len(memmaps) == 1 else {
-            "type": "blended", "datasets": memmaps, "weights": [entry["num_tokens"] for entry in shards]}
-        metadata = {"num_tokens": tokens, "tokens": {"num_tokens": tokens, "num_documents": documents,
-                                                     "data_type": dtype.name}}
-        name, text = DATASET_YAML, yaml.safe_dump({"config": config, "metadata": metadata}, sort_keys=False)
-    else:  # each shard weighs its share of the tokens: the blend reads the corpus evenly
-        datasets = [dict(entry, weight=entry["num_tokens"] / tokens) for entry in shards]
-        name, text = DATASET_JSON, json.dumps({"datasets": datasets}, indent=2) + "\n"
-    (output / f"{name}.tmp").write_text(text)
-    os.replace(output / f"{name}.tmp", output / name)
     print(f"wrote {documents:,} documents, {tokens:,} tokens ({dtype}, vocabulary {vocab_size}) in {len(shards)} "
           f"shard(s) to {output / name} in {time.perf_counter() - start:.1f} s")
 
@@ -330,7 +337,15 @@ def main(argv: list[str] | None = None):
     try:
         prepare(args)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # an unwritable folder, a full disk: prepare removed what it had written
+        print(f"error: {e.filename or args.output}: {e.strerror or e}; nothing of the dataset was kept",
+              file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; nothing of the dataset was kept", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,8 @@ def validate(c: Config, world_size: int) -> list[str]:
          "training.export.interval must be at least 1 (or null: off)"),
         (b.micro_batch_size < 1, "batch.micro_batch_size must be at least 1"),
         (b.sequence_length < 1, "batch.sequence_length must be at least 1"),
-        (b.batch_size is None, "batch.batch_size is required"),
+        (b.batch_size is None or b.batch_size < 1, f"batch.batch_size is required and must be at least 1, got "
+         f"{b.batch_size}"),
         *((True, message) for message in c.data.errors()),
         (lr.base < 0 or lr.minimum < 0, "optimizer.learning_rate.base and .minimum must not be negative"),
         (lr.decay_style not in SCHEDULES,
@@ -309,7 +310,7 @@ def validate(c: Config, world_size: int) -> list[str]:
          "pretrained.format must be `llama` and pretrained.path is required"),
     ]
     errors = [message for failed, message in checks if failed]
-    if b.batch_size is not None and b.micro_batch_size > 0 and b.batch_size % (unit := b.micro_batch_size * world_size):
+    if (b.batch_size or 0) > 0 and b.micro_batch_size > 0 and b.batch_size % (unit := b.micro_batch_size * world_size):
         fits = sorted({max(unit, b.batch_size // unit * unit), (b.batch_size // unit + 1) * unit})
         micro = [n for n in range(1, b.batch_size + 1) if b.batch_size % (n * world_size) == 0]
         errors.append(f"batch.batch_size {b.batch_size} is not a whole number of micro-batches: micro_batch_size "

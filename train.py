@@ -12,6 +12,7 @@ validate, checkpoint and export on their intervals. Everything the run writes la
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -25,8 +26,9 @@ import torch.distributed as dist
 import yaml
 
 import export
-from checkpoint import (CheckpointError, Interval, agree, check_shared, choose_checkpoint, cpu_state_dict, due,
-                        experiment_dir_problem, load_checkpoint, rotate, save_checkpoint, trim_metrics)
+from checkpoint import (CheckpointError, Interval, agree, all_ok, check_checkpoint, checkpoint_steps, choose_checkpoint,
+                        cpu_state_dict, due, experiment_dir_problem, load_checkpoint, release_lock, rotate,
+                        save_checkpoint, take_lock, touch_lock, trim_metrics)
 from data import IGNORE_INDEX, Data, DataError, Loader
 from model import Llama, count_parameters, flops_per_token, fused_cross_entropy_problem, kernels
 from schema import TRAINING_DTYPES, Config, ConfigError, LearningRateConfig, load_config
@@ -60,6 +62,9 @@ class Trainer:
         torch.manual_seed(config.model.distributed.seed)
         with torch.device("meta"):
             self.model = Llama(m, b.sequence_length, TRAINING_DTYPES[d.training_dtype], d.float8_matmuls)
+        if device.type == "cpu" and rank == 0 and (n := count_parameters(self.model)) > 1e8:  # a GPU config, no GPU
+            print(f"warning: no GPU found: {n:,} parameters on the CPU take {n * 16 / 1e9:,.0f} GB with the optimizer "
+                  "state, and steps take very long", file=sys.stderr)
         self.model.init_weights(device)
         source = f"the initialization (model.base_model.transformer.init_method_std {m.transformer.std})"
         if config.pretrained is not None and config.pretrained.model_weights and self.checkpoint is None:
@@ -74,6 +79,7 @@ class Trainer:
         horizon = {split: steps * b.batch_size for split, steps in horizon.items()}
         self.data = Data(config.data, b.sequence_length, m.vocab_size, cache_dir=self.exp / "cache", horizon=horizon)
         self.sources = {s: (self.data, s) for s in ("train", "validation", "test")}  # each split's Data and name
+        self.resumed_blend, self.state.blend = self.state.blend, self.data.blend  # the checkpoint's, and ours
         if t.validation.path is not None:  # a dataset of its own, read whole: the train split of a [1, 0, 0] split
             own = dataclasses.replace(config.data, format="file", path=t.validation.path, split=[1, 0, 0])
             try:
@@ -103,22 +109,29 @@ class Trainer:
     def train(self) -> None:
         t, exp, rank, state = self.config.training, self.exp, self.rank, self.state
         # Nothing was written until here: every check in __init__ could fail without touching earlier work.
-        check_shared(exp, rank, self.world)
+        take_lock(exp, rank, self.world)  # released by main(), whatever happens
+        error = None
+        try:
+            tracker = Tracker(self.config, exp, rank)
+        except ConfigError as e:  # W&B refused: nothing is written yet
+            error = e
+        if not all_ok(error is None):
+            raise error or ConfigError("training.wandb: Weights & Biases did not start on rank 0")
         if rank == 0:
             (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
             rotate(exp, t.checkpoint.keep)  # after a kill between a checkpoint's rename and its rotation
         if rank == 0:
             trim_metrics(exp / "metrics.jsonl", state.step)
-        self.log = Logger(exp / "metrics.jsonl", rank, Tracker(self.config, exp, rank))
+        self.log = Logger(exp / "metrics.jsonl", rank, tracker)
         self.loaders = {s: self.loader(s, state.consumed.get(s, 0)) for s in ("train", "validation")}
         layers = self.config.model.base_model.transformer.num_layers
         self.log(f"{'resuming from ' + str(self.checkpoint) if self.checkpoint else 'starting'}: "
                  f"{count_parameters(self.model):,} parameters, {self.world} rank(s), {self.tokens_per_step:,} "
                  f"tokens per step, {self.accumulation} accumulation steps, "
                  f"{self.model.recompute_layers} of {layers} blocks recomputed in backward",
-                 **({"step": state.step, "resumed": True} if self.checkpoint else {}))
+                 **({"step": state.step, "resumed": True} if self.checkpoint and state.step < t.train_iters else {}))
         if self.checkpoint:
-            self.log_schedule_changes()
+            self.log_resume_changes()
         for warning in self.data.warnings:
             self.log(f"warning: {warning}")
         if state.step >= t.train_iters:
@@ -138,6 +151,7 @@ class Trainer:
                 lr = lr_at(self.config.optimizer.learning_rate, step, t.train_iters)
                 with profiled(step == profile_step):
                     grad_norm, problem = self.train_step(lr)
+                touch_lock(exp, rank)
                 self.interval.steps += 1
                 self.interval.seconds += time.perf_counter() - start
                 if problem:
@@ -175,19 +189,27 @@ class Trainer:
                       micro_batch_size=b.micro_batch_size, rank=self.rank, world_size=self.world, device=self.device,
                       documents=not b.cross_document_attention)
 
-    def log_schedule_changes(self) -> None:
-        """A resume whose schedule differs from the checkpoint's says what moved, and the learning rate."""
-        saved = yaml.safe_load((self.checkpoint / "config.yaml").read_text())
-        old = LearningRateConfig(**saved["optimizer"]["learning_rate"])
-        old_iters, c, t = saved["training"]["train_iters"], self.config.optimizer.learning_rate, self.config.training
-        moved = [f"training.train_iters {old_iters} -> {t.train_iters}"] if old_iters != t.train_iters else []
-        moved += [f"optimizer.learning_rate.{k} {getattr(old, k)} -> {getattr(c, k)}"
-                  for k in dataclasses.asdict(c) if getattr(old, k) != getattr(c, k)]
-        step = self.state.step + 1
-        if moved:
-            self.log(f"the schedule changed since the checkpoint: {'; '.join(moved)}. The learning rate of step "
-                     f"{step} is {lr_at(c, step, t.train_iters):.4e} (it would have been "
-                     f"{lr_at(old, step, old_iters):.4e})")
+    def log_resume_changes(self) -> None:
+        """A resume that changed the schedule, the batch or the data since its checkpoint says what moved, in the
+        log and in metrics.jsonl ({"step", "changed": {key: [before, now]}}); for the schedule, the learning rate."""
+        saved, now = yaml.safe_load((self.checkpoint / "config.yaml").read_text()), dataclasses.asdict(self.config)
+        keys = ["training.train_iters", *(f"optimizer.learning_rate.{k}" for k in now["optimizer"]["learning_rate"]),
+                *(f"batch.{k}" for k in now["batch"]), *(f"data.{k}" for k in now["data"] if k != "sampling"),
+                *(f"data.sampling.{k}" for k in now["data"]["sampling"])]
+        get = lambda tree, key: functools.reduce(lambda d, k: (d or {}).get(k), key.split("."), tree)  # noqa: E731
+        changed = {k: [get(saved, k), get(now, k)] for k in keys if get(saved, k) != get(now, k)}
+        moved = [f"{k} {a} -> {b}" for k, (a, b) in changed.items()]
+        if self.resumed_blend and self.resumed_blend != self.data.blend:  # the same data.path, other files or weights
+            changed["blend"] = [self.resumed_blend, self.data.blend]
+            moved.append("the datasets read or their weights (blend: see metrics.jsonl)")
+        if not changed:
+            return
+        step, c, t = self.state.step + 1, self.config.optimizer.learning_rate, self.config.training
+        if any(k.startswith(("training.", "optimizer.")) for k in changed):
+            old = LearningRateConfig(**saved["optimizer"]["learning_rate"])
+            moved[-1] += (f". The learning rate of step {step} is {lr_at(c, step, t.train_iters):.4e} (it would have "
+                          f"been {lr_at(old, step, saved['training']['train_iters']):.4e})")
+        self.log(f"changed since the checkpoint: {'; '.join(moved)}", step=self.state.step, changed=changed)
 
     def train_step(self, lr: float) -> tuple[float, str | None]:
         """One optimizer step: every micro-batch's forward and backward, then, if the loss and the
@@ -409,9 +431,13 @@ class Tracker:
 
         id_file = exp / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else os.urandom(8).hex()
+        try:
+            self.run = wandb.init(id=run_id, resume="allow", entity=c.entity_name, project=c.project_name,
+                                  group=c.group_name, name=exp.name, dir=exp, config=dataclasses.asdict(config))
+        except wandb.Error as e:  # not logged in, no network: before anything is written
+            raise ConfigError(f"training.wandb: Weights & Biases would not start ({e}); log in (`wandb login`), or "
+                              "set WANDB_MODE=offline, which needs no network, or remove training.wandb") from None
         id_file.write_text(run_id)
-        self.run = wandb.init(id=run_id, resume="allow", entity=c.entity_name, project=c.project_name,
-                              group=c.group_name, name=exp.name, dir=exp, config=dataclasses.asdict(config))
         self.alert("run started", f"{exp}")
 
     def log(self, metrics: dict) -> None:
@@ -525,6 +551,11 @@ def dry_run(config: Config, rank: int, world: int) -> None:
         model = Llama(config.model.base_model, config.batch.sequence_length)
     if config.pretrained is not None and config.pretrained.model_weights:
         export.load_llama_weights(model, config.pretrained.path)  # names and shapes only, from the headers
+    exp = Path(config.run.experiment_dir)  # writable, not in use, and its checkpoints of this model
+    if problem := experiment_dir_problem(exp):
+        raise ConfigError(problem)
+    if steps := checkpoint_steps(exp):
+        check_checkpoint(exp / "checkpoints" / str(steps[0]), config)
     b, d, m = config.batch, config.data, config.model
     # The data too, where it is (a login node may not see it): its files, splits and tokens, reading the cache
     # of an earlier run but writing none.
@@ -537,23 +568,38 @@ def dry_run(config: Config, rank: int, world: int) -> None:
               + ("" if checked else f"\ndata: {d.path} not found here, not checked"))
 
 
+def launched() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as the launcher tells them: torchrun's variables, else those of a Slurm step
+    (`srun` starting one task per GPU, which signals every task itself), else one process."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_STEP_NUM_TASKS" in env:  # srun, not a salloc shell: the step's own tasks
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"], LOCAL_RANK=env["SLURM_LOCALID"])
+        if int(env["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in env:
+            raise ConfigError("srun started several tasks but MASTER_ADDR is not set: export MASTER_ADDR=$(scontrol "
+                              'show hostnames "$SLURM_JOB_NODELIST" | head -n 1) MASTER_PORT=29500 before srun')
+        env.setdefault("MASTER_PORT", "29500")
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
 def main(argv: list[str]) -> int:
     args = parse_arguments(argv)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    rank = 0
     try:
+        rank, world, local_rank = launched()
         config = load_config(args.config, args.overrides, world)
         if args.dry_run:
             dry_run(config, rank, world)
             return 0
         device = torch.device("cpu")
         if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if world > 1:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         try:
             Trainer(config, rank, world, device).train()
         finally:
+            release_lock(Path(config.run.experiment_dir), rank)
             if dist.is_initialized():
                 dist.destroy_process_group()
     except NonFinite as e:

@@ -1,6 +1,8 @@
 """data.py: the memmap format, the dataset JSON, splits, blends, sampling, the loader; prepare.py."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import re
 import struct
@@ -803,11 +805,12 @@ def test_prepare_trains_bpe_on_input(tmp_path):
 
 
 def prepare_error(*args) -> str:
-    """Run `prepare` in this process (a subprocess costs a second of imports); return its error message."""
-    with pytest.raises(SystemExit) as exit_:
+    """Run `prepare` in this process (a subprocess costs a second of imports); return its one-line error message."""
+    with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(io.StringIO()) as stderr:
         prepare.main([*map(str, args)])
-    assert isinstance(exit_.value.code, str) and exit_.value.code.startswith("error: ")
-    return exit_.value.code
+    err = stderr.getvalue()
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
 
 
 def test_prepare_refuses_bad_input_and_writes_nothing(demo, tmp_path):
@@ -835,7 +838,7 @@ def test_prepare_refuses_bad_input_and_writes_nothing(demo, tmp_path):
         assert not out.exists(), args
     # From the command line: a non-zero exit, one paragraph, no traceback.
     result = run_prepare("--input", tmp_path / "bad.jsonl", "--output", out)
-    assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and not out.exists()
 
 

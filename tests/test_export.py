@@ -387,3 +387,37 @@ def test_cli_exports_a_checkpoint_and_rejects_a_non_checkpoint(tmp_path):
     result = run(checkpoint, tmp_path / "other", "--tokenizer", tmp_path / "tokenizer.json")
     assert result.returncode == 2 and "vocab_size is 128" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_exported_tokenizer_encodes_as_prepare_wrapped_the_documents(tmp_path):
+    """prepare's BPE starts what it encodes with BOS, as each training document starts: a prompt to the export
+    gets the ids training saw; EOS ends generation, as it ended each document."""
+    from data import MemmapDataset
+
+    texts = [f"line {i} of some text about the quick brown fox" for i in range(40)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--input", str(tmp_path / "a.jsonl"),
+                             "--vocab-size", "300", "--output", str(tmp_path / "data")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    ds = MemmapDataset(tmp_path / "data" / "shard_0")
+    config = tiny_config(vocab=320)
+    model = our_model(config)
+    out = export_llama(model.state_dict(), config, tmp_path / "hf", max_position_embeddings=SEQ,
+                       tokenizer_path=tmp_path / "data" / "tokenizer.json")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for i in (0, 7, 39):
+        document = ds.document(i).tolist()
+        assert tokenizer(texts[i]).input_ids == document[:-1]  # BOS, the text; no EOS closing a prompt
+        assert document[-1] == tokenizer.eos_token_id == hf.generation_config.eos_token_id
+    prompt = tokenizer(texts[3], return_tensors="pt")
+    generated = hf.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert generated[0, :prompt["input_ids"].shape[1]].tolist() == ds.document(3).tolist()[:-1]
+
+
+def test_exported_weights_honour_the_umask(tmp_path):
+    config = tiny_config()
+    out = export_llama(our_model(config).state_dict(), config, tmp_path / "hf", max_position_embeddings=SEQ)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o666 & ~export.UMASK}, modes

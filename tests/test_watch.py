@@ -121,8 +121,38 @@ def test_a_resume_with_a_changed_schedule_says_what_moved(setup, monkeypatch, ca
     capsys.readouterr()
     assert train.main([str(config), "training.train_iters=20", "optimizer.learning_rate.base=0.02"]) == 0
     out = capsys.readouterr().out
-    assert "the schedule changed since the checkpoint: training.train_iters 12 -> 20; " \
+    assert "changed since the checkpoint: training.train_iters 12 -> 20; " \
            "optimizer.learning_rate.base 0.01 -> 0.02. The learning rate of step 7 is" in out
+    changed = [line for line in lines(exp) if "changed" in line]
+    assert [(c["step"], c["changed"]) for c in changed] == [
+        (6, {"training.train_iters": [12, 20], "optimizer.learning_rate.base": [0.01, 0.02]})]
+
+
+def test_a_resume_with_another_batch_or_blend_says_so_and_plot_counts_the_tokens_read(setup, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")  # in requirements-test.txt
+    config, exp = setup
+    crash_at(monkeypatch, 8)
+    with pytest.raises(Killed):
+        train.main([str(config)])
+    monkeypatch.undo()
+    dataset = config.parent / "data" / "dataset.json"  # the same path, now a blend of the file with itself
+    dataset.write_text(json.dumps({"datasets": [{"prefix": "hand", "weight": 1.0}, {"prefix": "hand", "weight": 3}]}))
+    capsys.readouterr()
+    assert train.main([str(config), "batch.batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert "changed since the checkpoint: batch.batch_size 4 -> 8; the datasets read or their weights" in out
+    changed = [line for line in lines(exp) if "changed" in line]
+    assert len(changed) == 1 and changed[0]["changed"]["batch.batch_size"] == [4, 8]
+    assert [share for *_, share in changed[0]["changed"]["blend"][1]] == [0.25, 0.75]
+    train_lines = [line for line in lines(exp) if "loss" in line]
+    assert [line["tokens"] for line in train_lines] == [s * 4 * 32 for s in range(1, 7)] + [
+        6 * 4 * 32 + s * 8 * 32 for s in range(1, 7)]  # 6 steps of 4 samples, then 6 of 8
+    x = plot.token_axis(train_lines)
+    assert x({"step": 9, "val_loss": 1.0}) == (6 * 4 + 3 * 8) * 32 / 1e6  # between training lines, by their tokens
+    assert x({"step": 6, "resumed": True}) == 6 * 4 * 32 / 1e6
+    # a finished run started again resumes nothing and marks no resume
+    assert train.main([str(config), "batch.batch_size=8"]) == 0
+    assert [line.get("resumed") for line in lines(exp)].count(True) == 1
 
 
 def test_ranks_that_do_not_share_the_experiment_folder_are_refused(setup, tmp_path):
