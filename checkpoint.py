@@ -245,14 +245,15 @@ def save_checkpoint(exp: Path, model, optimizer, state: TrainerState, config, ra
     barrier()
 
 
-def rotate(exp: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, and the newest one with finite weights."""
+def rotate(exp: Path, keep: int, resumed: Path | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints, the newest one with finite weights, and `resumed`, the one
+    this run started from: newer ones may be damaged (passed over at start), so it may be the only good one."""
     steps, kept_finite = checkpoint_steps(exp), False
     for i, step in enumerate(steps):
         checkpoint, finite = exp / "checkpoints" / str(step), False  # unreadable: not known to be finite
         with contextlib.suppress(OSError, ValueError, AttributeError):
             finite = read_state(checkpoint).weights_finite
-        if i >= keep and (kept_finite or not finite):
+        if i >= keep and checkpoint != resumed and (kept_finite or not finite):
             shutil.rmtree(checkpoint, ignore_errors=True)
         kept_finite = kept_finite or finite
 

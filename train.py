@@ -119,7 +119,7 @@ class Trainer:
             raise error or ConfigError("training.wandb: Weights & Biases did not start on rank 0")
         if rank == 0:
             (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
-            rotate(exp, t.checkpoint.keep)  # after a kill between a checkpoint's rename and its rotation
+            rotate(exp, t.checkpoint.keep, self.checkpoint)  # after a kill between a rename and its rotation
         if rank == 0:
             trim_metrics(exp / "metrics.jsonl", state.step)
         self.log = Logger(exp / "metrics.jsonl", rank, tracker)

@@ -245,3 +245,22 @@ def test_prepare_into_an_unwritable_folder_and_ctrl_c_are_one_line(tmp_path, mon
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_a_fallback_never_deletes_the_checkpoint_it_resumes_from(setup, capsys, keep):
+    """Checkpoints 9 and 12, a flipped bit in 12's optimizer shard: the run falls back to 9 and keeps it, whatever
+    training.checkpoint.keep says, until it has written a newer good one."""
+    config, exp = setup
+    assert train.main([str(config)]) == 0
+    expected = metrics(exp, "loss")
+    shard = exp / "checkpoints" / "12" / "optimizer-00000-of-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x10
+    shard.write_bytes(bytes(data))
+    (exp / "metrics.jsonl").write_text("".join(line + "\n" for line in (exp / "metrics.jsonl").read_text()
+                                               .splitlines() if json.loads(line).get("step", 0) <= 9))
+    assert train.main([str(config), f"training.checkpoint.keep={keep}"]) == 0
+    assert "can't be used" in capsys.readouterr().err
+    assert metrics(exp, "loss") == expected
+    assert checkpoint.checkpoint_steps(exp)[:1] == [12] and checkpoint.damage(exp / "checkpoints" / "12", 0, 1) is None
