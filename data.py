@@ -343,8 +343,14 @@ def read_dataset_config(path: Path, depth: int = 0) -> list[tuple[_Tokens, float
         raise DataError(f"{path}: not a readable file ({e}).") from None
     except yaml.YAMLError as e:
         raise DataError(f"{path}: not valid YAML{yaml_problem(e)}.") from None
+    except RecursionError:  # YAML nested thousands deep
+        raise DataError(f"{path}: datasets nested too deep to read.") from None
     wrapped = isinstance(spec, dict) and spec.keys() == {"config", "metadata"}
-    return _resolve(spec["config"] if wrapped else spec, path, "config" if wrapped else "(top level)", depth)
+    try:
+        return _resolve(spec["config"] if wrapped else spec, path, "config" if wrapped else "(top level)", depth)
+    except RecursionError:  # a dataset that holds itself (a YAML alias), or nested thousands deep
+        raise DataError(f"{path}: a dataset holds itself (a YAML alias of an enclosing one?) or is nested too "
+                        "deep to read.") from None
 
 
 def _resolve(spec, file: Path, where: str, depth: int) -> list[tuple[_Tokens, float]]:

@@ -264,3 +264,15 @@ def test_a_fallback_never_deletes_the_checkpoint_it_resumes_from(setup, capsys, 
     assert "can't be used" in capsys.readouterr().err
     assert metrics(exp, "loss") == expected
     assert checkpoint.checkpoint_steps(exp)[:1] == [12] and checkpoint.damage(exp / "checkpoints" / "12", 0, 1) is None
+
+
+@pytest.mark.parametrize("text", [
+    "config: &c {type: blended, datasets: [*c], weights: [1]}\nmetadata: {}\n",
+    "config: &c {type: slice, dataset: *c}\nmetadata: {}\n",
+    "config: " + "{type: blended, weights: [1], datasets: [" * 3000 + "{type: memmap, path: x}" + "]}" * 3000 + "\n"])
+def test_a_dataset_yaml_that_holds_itself_is_refused_naming_the_file(tmp_path, text):
+    from data import DataError, read_datasets
+
+    (tmp_path / "d.yaml").write_text(text)
+    with pytest.raises(DataError, match=f"{tmp_path / 'd.yaml'}: .*(holds itself|nested too deep)"):
+        read_datasets(tmp_path / "d.yaml")
