@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -276,3 +277,17 @@ def test_a_dataset_yaml_that_holds_itself_is_refused_naming_the_file(tmp_path, t
     (tmp_path / "d.yaml").write_text(text)
     with pytest.raises(DataError, match=f"{tmp_path / 'd.yaml'}: .*(holds itself|nested too deep)"):
         read_datasets(tmp_path / "d.yaml")
+
+
+def test_a_relayed_signal_just_after_the_loop_still_counts_as_one():
+    """torchrun or srun relays the signal 0.1 s after the original: the stop checkpoint may be written by then and
+    the handlers about to be restored; the copy must not kill the process (exit 143)."""
+    stop = train.Stop()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested is not None
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    finally:
+        stop.restore()  # waits out the half second, so the copy lands in our handler
+    assert signal.getsignal(signal.SIGTERM) == stop.previous[signal.SIGTERM]
