@@ -322,9 +322,7 @@ def take_lock(exp: Path, rank: int, world: int) -> None:
             with open(exp / "lock", "x") as f:
                 f.write(mine)
         except FileExistsError:
-            if holder := lock_holder(exp):
-                error = f"run.experiment_dir {exp} is in use by another run ({holder}); one run writes there at a time"
-            else:
+            if not (error := in_use(exp)):
                 print(f"warning: {exp / 'lock'}: the run that took it is gone; taking it over", file=sys.stderr)
                 (exp / f".lock-{os.getpid()}").write_text(mine)
                 (exp / f".lock-{os.getpid()}").replace(exp / "lock")
@@ -377,6 +375,10 @@ def experiment_dir_problem(exp: Path) -> str | None:
     if (exp / "config.yaml").exists() and not (exp / "metrics.jsonl").exists():
         return (f"run.experiment_dir {exp} holds a config.yaml that no run of this project wrote (there is no "
                 "metrics.jsonl beside it): a run writes its resolved config there; move yours, or use another folder")
+    return in_use(exp)
+
+
+def in_use(exp: Path) -> str | None:
     if holder := lock_holder(exp):
         return f"run.experiment_dir {exp} is in use by another run ({holder}); one run writes there at a time"
     return None

@@ -12,7 +12,6 @@ validate, checkpoint and export on their intervals. Everything the run writes la
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import yaml
 
 import export
 from checkpoint import (CheckpointError, Interval, agree, all_ok, check_checkpoint, checkpoint_steps, choose_checkpoint,
-                        cpu_state_dict, due, experiment_dir_problem, load_checkpoint, release_lock, rotate,
+                        cpu_state_dict, due, experiment_dir_problem, leaves, load_checkpoint, release_lock, rotate,
                         save_checkpoint, take_lock, touch_lock, trim_metrics)
 from data import IGNORE_INDEX, Data, DataError, Loader
 from model import Llama, count_parameters, flops_per_token, fused_cross_entropy_problem, kernels
@@ -193,11 +192,10 @@ class Trainer:
         """A resume that changed the schedule, the batch or the data since its checkpoint says what moved, in the
         log and in metrics.jsonl ({"step", "changed": {key: [before, now]}}); for the schedule, the learning rate."""
         saved, now = yaml.safe_load((self.checkpoint / "config.yaml").read_text()), dataclasses.asdict(self.config)
-        keys = ["training.train_iters", *(f"optimizer.learning_rate.{k}" for k in now["optimizer"]["learning_rate"]),
-                *(f"batch.{k}" for k in now["batch"]), *(f"data.{k}" for k in now["data"] if k != "sampling"),
-                *(f"data.sampling.{k}" for k in now["data"]["sampling"])]
-        get = lambda tree, key: functools.reduce(lambda d, k: (d or {}).get(k), key.split("."), tree)  # noqa: E731
-        changed = {k: [get(saved, k), get(now, k)] for k in keys if get(saved, k) != get(now, k)}
+        old, new = ({"training.train_iters": c["training"]["train_iters"], "optimizer.learning_rate": c["optimizer"][
+            "learning_rate"], "batch": c["batch"], "data": c["data"]} for c in (saved, now))
+        old, new = leaves(old), leaves(new)
+        changed = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
         moved = [f"{k} {a} -> {b}" for k, (a, b) in changed.items()]
         if self.resumed_blend and self.resumed_blend != self.data.blend:  # the same data.path, other files or weights
             changed["blend"] = [self.resumed_blend, self.data.blend]
@@ -206,9 +204,9 @@ class Trainer:
             return
         step, c, t = self.state.step + 1, self.config.optimizer.learning_rate, self.config.training
         if any(k.startswith(("training.", "optimizer.")) for k in changed):
-            old = LearningRateConfig(**saved["optimizer"]["learning_rate"])
+            lr = LearningRateConfig(**saved["optimizer"]["learning_rate"])
             moved[-1] += (f". The learning rate of step {step} is {lr_at(c, step, t.train_iters):.4e} (it would have "
-                          f"been {lr_at(old, step, saved['training']['train_iters']):.4e})")
+                          f"been {lr_at(lr, step, saved['training']['train_iters']):.4e})")
         self.log(f"changed since the checkpoint: {'; '.join(moved)}", step=self.state.step, changed=changed)
 
     def train_step(self, lr: float) -> tuple[float, str | None]:

@@ -21,6 +21,14 @@ def lines(exp) -> list[dict]:
     return [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
 
 
+def killed_at_step_8(config, monkeypatch) -> None:
+    """A run killed at step 8, which left its checkpoint of step 6."""
+    crash_at(monkeypatch, 8)
+    with pytest.raises(Killed):
+        train.main([str(config)])
+    monkeypatch.undo()
+
+
 def test_log_lines_carry_time_tokens_and_eta_and_the_first_steps_log_at_once(setup, capsys):
     config, exp = setup
     assert train.main([str(config), "training.logs.interval=5", "training.train_iters=10"]) == 0
@@ -70,10 +78,7 @@ def test_wandb_missing_stops_at_once(setup, monkeypatch, capsys):
 def test_plot_draws_the_curves_with_resumes_and_skipped_steps(setup, monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")  # in requirements-test.txt
     config, exp = setup
-    crash_at(monkeypatch, 8)
-    with pytest.raises(Killed):
-        train.main([str(config)])
-    monkeypatch.undo()
+    killed_at_step_8(config, monkeypatch)
     assert train.main([str(config)]) == 0
     with (exp / "metrics.jsonl").open("a") as f:  # as a run that skipped a step logs it
         f.write(json.dumps({"step": 12, "skipped": "non-finite loss"}) + "\n")
@@ -114,10 +119,7 @@ def test_dry_run_catches_a_pretrained_folder_that_does_not_fit(setup, tmp_path, 
 
 def test_a_resume_with_a_changed_schedule_says_what_moved(setup, monkeypatch, capsys):
     config, exp = setup
-    crash_at(monkeypatch, 8)
-    with pytest.raises(Killed):
-        train.main([str(config)])
-    monkeypatch.undo()
+    killed_at_step_8(config, monkeypatch)
     capsys.readouterr()
     assert train.main([str(config), "training.train_iters=20", "optimizer.learning_rate.base=0.02"]) == 0
     out = capsys.readouterr().out
@@ -131,10 +133,7 @@ def test_a_resume_with_a_changed_schedule_says_what_moved(setup, monkeypatch, ca
 def test_a_resume_with_another_batch_or_blend_says_so_and_plot_counts_the_tokens_read(setup, monkeypatch, capsys):
     pytest.importorskip("matplotlib")  # in requirements-test.txt
     config, exp = setup
-    crash_at(monkeypatch, 8)
-    with pytest.raises(Killed):
-        train.main([str(config)])
-    monkeypatch.undo()
+    killed_at_step_8(config, monkeypatch)
     dataset = config.parent / "data" / "dataset.json"  # the same path, now a blend of the file with itself
     dataset.write_text(json.dumps({"datasets": [{"prefix": "hand", "weight": 1.0}, {"prefix": "hand", "weight": 3}]}))
     capsys.readouterr()
