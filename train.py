@@ -25,9 +25,9 @@ import torch.distributed as dist
 import yaml
 
 import export
-from checkpoint import (CheckpointError, Interval, agree, all_ok, check_checkpoint, checkpoint_steps, choose_checkpoint,
-                        cpu_state_dict, due, experiment_dir_problem, leaves, load_checkpoint, release_lock, rotate,
-                        save_checkpoint, take_lock, touch_lock, trim_metrics)
+from checkpoint import (CheckpointError, Interval, agree, all_ok, check_checkpoint, checkpoint_steps,
+                        choose_checkpoint, cpu_state_dict, due, experiment_dir_problem, leaves, load_checkpoint,
+                        release_lock, rotate, save_checkpoint, take_lock, touch_lock, trim_metrics)
 from data import IGNORE_INDEX, Data, DataError, Loader
 from model import Llama, count_parameters, flops_per_token, fused_cross_entropy_problem, kernels
 from schema import TRAINING_DTYPES, Config, ConfigError, LearningRateConfig, load_config
@@ -48,9 +48,8 @@ class Trainer:
         self.config, self.rank, self.world, self.device = config, rank, world, device
         t, b, m, d = config.training, config.batch, config.model.base_model, config.model.distributed
         self.exp = Path(config.run.experiment_dir)
-        if problem := experiment_dir_problem(self.exp):
-            raise ConfigError(problem)
-        if m.cross_entropy_impl == "fused" and (problem := fused_cross_entropy_problem(device)):
+        fused = m.cross_entropy_impl == "fused"
+        if problem := experiment_dir_problem(self.exp) or fused and fused_cross_entropy_problem(device):
             raise ConfigError(problem)
         if d.float8_matmuls and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             raise ConfigError("model.distributed.float8_matmuls needs float8 tensor cores (compute capability 8.9 or "
@@ -85,7 +84,7 @@ class Trainer:
                 self.sources["validation"] = (Data(own, b.sequence_length, m.vocab_size, cache_dir=self.exp / "cache",
                                                    horizon={"train": horizon["validation"]}), "train")
             except DataError as e:
-                raise DataError(f"training.validation.path {t.validation.path} (the validation dataset): {e}") from None
+                raise DataError(f"training.validation.path {own.path} (the validation dataset): {e}") from None
         for split, wanted, key in (("validation", t.validation.interval is not None, "training.validation is on"),
                                    ("test", t.test_iters > 0, f"training.test_iters is {t.test_iters}")):
             if wanted and self.sources[split][0].num_samples(self.sources[split][1]) == 0:
@@ -111,7 +110,7 @@ class Trainer:
         take_lock(exp, rank, self.world)  # released by main(), whatever happens
         error = None
         try:
-            tracker = Tracker(self.config, exp, rank)
+            self.tracker = Tracker(self.config, exp, rank)
         except ConfigError as e:  # W&B refused: nothing is written yet
             error = e
         if not all_ok(error is None):
@@ -119,15 +118,12 @@ class Trainer:
         if rank == 0:
             (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
             rotate(exp, t.checkpoint.keep, self.checkpoint)  # after a kill between a rename and its rotation
-        if rank == 0:
             trim_metrics(exp / "metrics.jsonl", state.step)
-        self.log = Logger(exp / "metrics.jsonl", rank, tracker)
         self.loaders = {s: self.loader(s, state.consumed.get(s, 0)) for s in ("train", "validation")}
-        layers = self.config.model.base_model.transformer.num_layers
         self.log(f"{'resuming from ' + str(self.checkpoint) if self.checkpoint else 'starting'}: "
-                 f"{count_parameters(self.model):,} parameters, {self.world} rank(s), {self.tokens_per_step:,} "
-                 f"tokens per step, {self.accumulation} accumulation steps, "
-                 f"{self.model.recompute_layers} of {layers} blocks recomputed in backward",
+                 f"{count_parameters(self.model):,} parameters, {self.world} rank(s), {self.tokens_per_step:,} tokens "
+                 f"per step, {self.accumulation} accumulation steps, {self.model.recompute_layers} of "
+                 f"{len(self.model.layers)} blocks recomputed in backward",
                  **({"step": state.step, "resumed": True} if self.checkpoint and state.step < t.train_iters else {}))
         if self.checkpoint:
             self.log_resume_changes()
@@ -136,7 +132,7 @@ class Trainer:
         if state.step >= t.train_iters:
             self.log(f"training already complete at step {state.step}")
         # The log interval so far (restored on resume), its loss sum on the device; the wall clock, for the ETA.
-        # Each rank holds its own loss sum (the log adds them up); resumed on another number of ranks, rank 0 the total.
+        # Each rank holds its own loss sum (the log adds them up); resumed on another world size, rank 0 the total.
         self.interval, losses = state.interval, state.interval.losses
         mine = losses[rank] if len(losses) == self.world else sum(losses) if rank == 0 else 0.0
         self.interval_loss = torch.tensor(mine, dtype=torch.float32, device=self.device)
@@ -148,7 +144,7 @@ class Trainer:
                 state.step += 1
                 step, start = state.step, time.perf_counter()
                 lr = lr_at(self.config.optimizer.learning_rate, step, t.train_iters)
-                with profiled(step == profile_step):
+                with profiled() if step == profile_step else contextlib.nullcontext():
                     grad_norm, problem = self.train_step(lr)
                 touch_lock(exp, rank)
                 self.interval.steps += 1
@@ -173,11 +169,11 @@ class Trainer:
                 if self.stopping and not last:
                     self.log(f"stopped at step {step}; run the same command to resume")
         except BaseException as e:
-            self.log.tracker.alert("run failed", f"at step {state.step}: {e!r}")
+            self.tracker.alert("run failed", f"at step {state.step}: {e!r}")
             raise
         finally:
             self.stop.restore()
-            self.log.tracker.finish(f"{'stopped' if self.stopping else 'ended'} at step {state.step}")
+            self.tracker.finish(f"{'stopped' if self.stopping else 'ended'} at step {state.step}")
             for loader in self.loaders.values():
                 loader.close()
 
@@ -192,9 +188,9 @@ class Trainer:
         """A resume that changed the schedule, the batch or the data since its checkpoint says what moved, in the
         log and in metrics.jsonl ({"step", "changed": {key: [before, now]}}); for the schedule, the learning rate."""
         saved, now = yaml.safe_load((self.checkpoint / "config.yaml").read_text()), dataclasses.asdict(self.config)
-        old, new = ({"training.train_iters": c["training"]["train_iters"], "optimizer.learning_rate": c["optimizer"][
-            "learning_rate"], "batch": c["batch"], "data": c["data"]} for c in (saved, now))
-        old, new = leaves(old), leaves(new)
+        old, new = (leaves({"training.train_iters": c["training"]["train_iters"],
+                            "optimizer.learning_rate": c["optimizer"]["learning_rate"],
+                            "batch": c["batch"], "data": c["data"]}) for c in (saved, now))
         changed = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
         moved = [f"{k} {a} -> {b}" for k, (a, b) in changed.items()]
         if self.resumed_blend and self.resumed_blend != self.data.blend:  # the same data.path, other files or weights
@@ -250,10 +246,10 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(loss)
         loss, step, world, t = loss.item(), self.state.step, self.world, self.config.training
-        interval, now = self.interval, time.time()
+        interval, now, b = self.interval, time.time(), self.config.batch
         tokens_per_s = interval.steps * self.tokens_per_step / interval.seconds
         eta = (t.train_iters - step) * (now - self.last_log[0]) / (step - self.last_log[1])
-        elapsed, tokens = now - self.started, self.loaders["train"].consumed_samples * self.config.batch.sequence_length
+        elapsed, tokens = now - self.started, self.loaders["train"].consumed_samples * b.sequence_length
         metrics = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                        tokens_per_s_per_gpu=tokens_per_s / world, tokens=tokens, elapsed_s=elapsed)
         text = (f"step {step}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
@@ -266,7 +262,7 @@ class Trainer:
         self.log(text, **metrics)
         alert = t.wandb.alert.interval
         if alert and step % alert == 0:
-            self.log.tracker.alert(f"step {step}", f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", status=True)
+            self.tracker.alert(f"step {step}", f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", status=True)
         self.interval_loss.zero_()
         self.interval, self.last_log = Interval(), (now, step)
 
@@ -277,9 +273,8 @@ class Trainer:
             loss = evaluate(self.model, self.loaders["validation"], t.validation.iterations, self.world, self.device)
             self.log(f"step {step} | validation loss {loss:.4f}", step=step, val_loss=loss)
         if last and t.test_iters:
-            test = self.loader("test")
-            loss = evaluate(self.model, test, t.test_iters, self.world, self.device)
-            test.close()
+            with contextlib.closing(self.loader("test")) as test:
+                loss = evaluate(self.model, test, t.test_iters, self.world, self.device)
             self.log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)
         if due(t.export.interval, step, last):
             self.write_export()
@@ -288,12 +283,11 @@ class Trainer:
 
     def write_export(self) -> None:
         error, step, m = None, self.state.step, self.config.model.base_model
-        context = export.context_length(m, self.config.batch.sequence_length)
+        context, tokenizer = export.context_length(m, self.config.batch.sequence_length), self.data.tokenizer_path
         if self.rank == 0:
             try:  # overwrite: a run that crashed after an export but before its checkpoint writes it again.
                 out = export.export_llama(cpu_state_dict(self.model), m, self.exp / "export" / "llama" / str(step),
-                                          max_position_embeddings=context, tokenizer_path=self.data.tokenizer_path,
-                                          overwrite=True)
+                                          max_position_embeddings=context, tokenizer_path=tokenizer, overwrite=True)
                 self.log(f"step {step} | exported to {out}")
             except OSError as e:
                 error = e
@@ -310,9 +304,19 @@ class Trainer:
         save_checkpoint(self.exp, self.model, self.optimizer, self.state, self.config, self.rank, self.world)
         self.log(f"step {self.state.step} | checkpoint written to {self.exp / 'checkpoints' / str(self.state.step)}")
 
+    def log(self, text: str, **metrics) -> None:
+        """Rank 0 prints, appends JSON lines to metrics.jsonl and hands them to W&B; other ranks stay quiet."""
+        if self.rank == 0:
+            print(text, flush=True)
+        if self.rank == 0 and metrics:
+            metrics["time"] = round(time.time(), 3)
+            with (self.exp / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            self.tracker.log(metrics)
+
 
 # ---------------------------------------------------------------------------------------------
-# Learning-rate schedule
+# Policies the trainer owns and hands down: the learning-rate schedule, weight decay, recomputation
 
 
 def lr_at(c: LearningRateConfig, step: int, train_iters: int) -> float:
@@ -329,10 +333,6 @@ def lr_at(c: LearningRateConfig, step: int, train_iters: int) -> float:
     if c.decay_style == "cosine":
         return c.minimum + 0.5 * (c.base - c.minimum) * (1 + math.cos(math.pi * progress))
     return c.base + (c.minimum - c.base) * progress
-
-
-# ---------------------------------------------------------------------------------------------
-# Policies the trainer owns and hands down: weight decay, recomputation
 
 
 def decays(name: str) -> bool:
@@ -395,24 +395,7 @@ def recompute_layers(config: Config, device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging, W&B, profiling
-
-
-class Logger:
-    """Rank 0 prints, appends JSON lines to metrics.jsonl and hands them to the tracker; other ranks stay quiet."""
-
-    def __init__(self, path: Path, rank: int, tracker=None):
-        self.path, self.rank, self.tracker = path, rank, tracker
-
-    def __call__(self, text: str, **metrics):
-        if self.rank == 0:
-            print(text, flush=True)
-        if self.rank == 0 and metrics:
-            metrics["time"] = round(time.time(), 3)
-            with self.path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if self.tracker is not None:
-                self.tracker.log(metrics)
+# Around the loop: W&B, profiling, signals, blow-ups, evaluation
 
 
 class Tracker:
@@ -426,7 +409,6 @@ class Tracker:
         if rank != 0 or c.entity_name is None:
             return
         import wandb
-
         id_file = exp / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else os.urandom(8).hex()
         try:
@@ -457,11 +439,8 @@ def clock(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def profiled(active: bool):
+def profiled():
     """LLAMA_PROFILE=FILE: rank 0 profiles its third step and writes the operations by device time."""
-    if not active:
-        yield
-        return
     cuda = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as profile:
@@ -469,10 +448,6 @@ def profiled(active: bool):
     table = profile.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60,
                                          max_name_column_width=90)
     Path(os.environ["LLAMA_PROFILE"]).write_text(table)
-
-
-# ---------------------------------------------------------------------------------------------
-# Signals, blow-ups, evaluation
 
 
 class NonFinite(Exception):
@@ -534,19 +509,6 @@ examples:
   torchrun --nproc_per_node=8 train.py config/llama3_8b.yaml data.path=data/mine/fast_llm_dataset.json"""
 
 
-def parse_arguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="train.py", description="Pretrain a Llama-3.1 from one YAML file in Fast-LLM's schema.", epilog=HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", metavar="CONFIG.yaml", help="the training configuration")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override any key by its dotted path; the value is read as YAML (data.split=[98,1,1])")
-    parser.add_argument("--dry-run", action="store_true", help="check the config (and a pretrained folder's "
-                        "shapes), print the parameter count, the tokens per step and the accumulation steps, write "
-                        "nothing")
-    return parser.parse_intermixed_args(argv)
-
-
 def dry_run(config: Config, rank: int, world: int) -> None:
     with torch.device("meta"):
         model = Llama(config.model.base_model, config.batch.sequence_length)
@@ -558,11 +520,9 @@ def dry_run(config: Config, rank: int, world: int) -> None:
     if steps := checkpoint_steps(exp):
         check_checkpoint(exp / "checkpoints" / str(steps[0]), config)
     b, d, m = config.batch, config.data, config.model
-    # The data too, where it is (a login node may not see it): its files, splits and tokens, reading the cache
-    # of an earlier run but writing none.
-    checked = d.format == "random" or Path(d.path).is_file()
-    if checked:
-        Data(d, b.sequence_length, m.base_model.vocab_size, cache_dir=Path(config.run.experiment_dir) / "cache")
+    # The data, if here (a login node may not see it): files, splits, tokens; reads an old run's cache, writes none.
+    if checked := d.format == "random" or Path(d.path).is_file():
+        Data(d, b.sequence_length, m.base_model.vocab_size, cache_dir=exp / "cache")
     if rank == 0:
         print(f"parameters: {count_parameters(model)}\ntokens per step: {b.batch_size * b.sequence_length}\n"
               f"accumulation steps: {b.batch_size // (b.micro_batch_size * world)}"
@@ -583,7 +543,15 @@ def launched() -> tuple[int, int, int]:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_arguments(argv)
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Pretrain a Llama-3.1 from one YAML file in Fast-LLM's schema.", epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", metavar="CONFIG.yaml", help="the training configuration")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override any key by its dotted path; the value is read as YAML (data.split=[98,1,1])")
+    parser.add_argument("--dry-run", action="store_true", help="check the config (and a pretrained folder's shapes), "
+                        "print the parameter count, the tokens per step and the accumulation steps, write nothing")
+    args = parser.parse_intermixed_args(argv)
     rank = 0
     try:
         rank, world, local_rank = launched()
@@ -591,9 +559,8 @@ def main(argv: list[str]) -> int:
         if args.dry_run:
             dry_run(config, rank, world)
             return 0
-        device = torch.device("cpu")
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
             torch.cuda.set_device(device)
         if world > 1:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -603,14 +570,10 @@ def main(argv: list[str]) -> int:
             release_lock(Path(config.run.experiment_dir), rank)
             if dist.is_initialized():
                 dist.destroy_process_group()
-    except NonFinite as e:
+    except (NonFinite, ConfigError, DataError, export.ExportError, CheckpointError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ConfigError, DataError, export.ExportError, CheckpointError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, NonFinite) else 2
     except OSError as e:  # a file the run had to write or read: a full disk, a permission, a vanished mount
         print(f"error (rank {rank}): {e.strerror or e} ({e.filename or 'no file name'}). The newest complete "
               "checkpoint is intact: fix the cause and run the same command to resume.", file=sys.stderr)
