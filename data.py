@@ -9,8 +9,7 @@ windows share one token, as in Megatron), so windows run across document boundar
 shuffle: which dataset a sample comes from (in proportion to the weights) and which window of that dataset. Everything
 is a function of (seed, config, sequence_length), so a sample index always gives the same tokens, and a loader's only
 state is how many samples it has consumed. With `data.sampling.use_loss_masking_spans`, labels inside a dataset's
-loss-masking spans are left out of the loss. prepare.py writes these formats from text.
-"""
+loss-masking spans are left out of the loss. prepare.py writes these formats from text."""
 
 from __future__ import annotations
 
@@ -121,8 +120,7 @@ class MemmapDataset(_Tokens):
                             f"are not text (mode {modes[modes != 0][0]}); only token sequences can be trained on.")
         if n == 0:
             raise DataError(f"{idx}: the dataset has no documents; remove it from the dataset file.")
-        self.dtype = np.dtype(TOKEN_DTYPES[code])
-        self.sizes = np.frombuffer(raw, np.int32, n, start)
+        self.dtype, self.sizes = np.dtype(TOKEN_DTYPES[code]), np.frombuffer(raw, np.int32, n, start)
         self.pointers = np.frombuffer(raw, np.int64, n, start + 4 * n)
         ends = self.pointers + self.sizes.astype(np.int64) * self.dtype.itemsize
         bad = (self.sizes < 0) | (self.pointers < 0) | (self.pointers % self.dtype.itemsize != 0) | (ends > bin_bytes)
@@ -263,7 +261,7 @@ class Concatenation(_Tokens):
 
 
 def tokenizer_ids(path: Path) -> dict[str, int]:
-    """The ids of a tokenizer.json's tokens (Hugging Face's): its model's vocabulary (Unigram's: a list), added ones."""
+    """The ids of a Hugging Face tokenizer.json's tokens: its model's vocabulary (Unigram's: a list), added ones."""
     try:
         tokenizer = json.loads(path.read_text())
         vocab = (tokenizer.get("model") or {}).get("vocab") or {}
@@ -404,8 +402,6 @@ def _one(spec, file: Path, where: str, depth: int) -> _Tokens:
 # Splits, blends and the sample index.
 
 SPLITS = ("train", "validation", "test")
-
-
 SHUFFLES = ("epoch", "skip_first_epoch", "full", "disabled")  # Fast-LLM's values of data.sampling.shuffle
 
 
@@ -429,8 +425,9 @@ class DataConfig:
         return [message for failed, message in [
             (self.format not in ("file", "random"),
              f"data.format: {self.format!r} is not one of 'file' (a dataset JSON) or 'random'."),
-            (self.format == "file" and self.path is None, "data.path: required when data.format is 'file': the dataset "
-             "JSON that `python prepare.py` wrote (e.g. data/demo/fast_llm_dataset.json) or a Fast-LLM dataset YAML."),
+            (self.format == "file" and self.path is None,
+             "data.path: required when data.format is 'file': the dataset JSON that `python prepare.py` wrote (e.g. "
+             "data/demo/fast_llm_dataset.json) or a Fast-LLM dataset YAML."),
             (self.sampling.shuffle not in SHUFFLES, f"data.sampling.shuffle: {self.sampling.shuffle!r} is not one of "
              f"{', '.join(SHUFFLES)}."),
             (len(self.split) != 3 or not all(0 <= w < float("inf") for w in self.split) or sum(self.split) <= 0,
@@ -518,7 +515,7 @@ class Data:
                                  f"spans; every token is trained on.")
         self._parts: dict[str, list[_Part]] = {s: [] for s in SPLITS}
         total = sum(weight for _, weight in datasets)
-        self.blend = [[dataset.name, int(dataset.num_tokens), round(weight / total, 6)] for dataset, weight in datasets]
+        self.blend = [[d.name, int(d.num_tokens), round(weight / total, 6)] for d, weight in datasets]
         self._empty: dict[str, list[str]] = {s: [] for s in SPLITS}  # datasets with no document in a split
         for d, (dataset, weight) in enumerate(datasets):
             spans = dataset.spans() if use_spans and dataset.has_spans else None
@@ -542,11 +539,10 @@ class Data:
         """Refuse tokens outside the model's vocabulary before anything is written: a tokenizer.json beside the
         dataset file that is larger, or a token file whose smallest or largest token is out of range. A file
         whose dtype can't hold vocab_size needs no look; another is scanned once and its range is cached."""
-        if self.tokenizer_path is not None:
-            size = 1 + max(tokenizer_ids(self.tokenizer_path).values(), default=-1)  # its ids are 0 .. size-1
-            if size > self.vocab_size:
-                raise DataError(f"data.path: the tokenizer beside {path} ({self.tokenizer_path}) has {size} tokens, "
-                                f"more than model.base_model.vocab_size {self.vocab_size}; set that to {size} or more.")
+        size = 1 + max(tokenizer_ids(self.tokenizer_path).values(), default=-1) if self.tokenizer_path else 0
+        if size > self.vocab_size:  # a tokenizer's ids are 0 .. size-1
+            raise DataError(f"data.path: the tokenizer beside {path} ({self.tokenizer_path}) has {size} tokens, "
+                            f"more than model.base_model.vocab_size {self.vocab_size}; set that to {size} or more.")
         ranges = {}
         leaves = [p[0] for d, _ in datasets for p in getattr(d, "pieces", [(d,)])]  # pieces are never concatenations
         for leaf in {id(d): d for d in leaves}.values():
@@ -575,9 +571,8 @@ class Data:
             raise ValueError(f"split {split!r} is not one of {SPLITS}")
         if self.config.format == "random":
             return 2**62
-        parts = self._parts[split]
         return 0 if self._empty[split] else sum(max(1, p.round_tokens // p.epochs // self.sequence_length)
-                                                for p in parts)
+                                                for p in self._parts[split])
 
     def samples(self, split: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Samples start .. start+count-1 of the split's endless stream: (count, sequence_length + 1) int64 tokens."""
@@ -610,8 +605,11 @@ class Data:
                         ignored[k, at + b : at + e] = True
                 at += take
         if self._ranges and self.cache_dir:  # each token file's scanned [low, high], once the run reads
-            for key, bounds in self._ranges.items():
-                self._cache_write(self.cache_dir / f"tokens-{key}.json", lambda f: f.write(json.dumps(bounds).encode()))
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            for key, bounds in self._ranges.items():  # temp + rename: a reader never sees half a file
+                tmp = self.cache_dir / f"tokens-{key}.tmp{os.getpid()}.{threading.get_ident()}"
+                tmp.write_bytes(json.dumps(bounds).encode())
+                os.replace(tmp, self.cache_dir / f"tokens-{key}.json")
         self._ranges = {}
         return out, documents, ignored[:, 1:]
 
@@ -645,18 +643,9 @@ class Data:
             part[hit], local[hit] = order[within[hit]], number[within[hit]]
         return part, local
 
-    def _cache_write(self, path: Path, write) -> None:
-        """Temp + rename: a reader never sees half a file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-
 
 # --------------------------------------------------------------------------------------------------
 # Loader: per-rank batches, read one step ahead on a background thread.
-
 
 class Loader:
     """Per-rank batches of one split's stream. Its whole state is `consumed_samples` (global, over all ranks).
@@ -690,7 +679,7 @@ class Loader:
         tokens, documents each input's document in its sample (or None when documents attend to each other)."""
         start, ahead, self._ahead = self.consumed_samples, self._ahead, None
         # The batch read ahead is used only if nobody moved consumed_samples since; result() re-raises.
-        tokens, documents, ignored = ahead[1].result() if ahead is not None and ahead[0] == start else self._read(start)
+        tokens, documents, ignored = ahead[1].result() if ahead and ahead[0] == start else self._read(start)
         tokens = tokens.to(self.device, non_blocking=True)
         labels = tokens[:, 1:].masked_fill(torch.from_numpy(ignored).to(self.device), IGNORE_INDEX)
         documents = torch.from_numpy(documents[:, :-1]).to(self.device) if self.documents else None

@@ -31,7 +31,6 @@ from data import CODES, DATASET_JSON, DATASET_YAML, FILE_MAGIC, HEADER, MAGIC, D
 # --------------------------------------------------------------------------------------------------
 # Writers of the token formats
 
-
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest dtype for token ids below vocab_size; int16 before uint16, as Fast-LLM writes."""
     return next(np.dtype(t) for t in (np.uint8, np.int16, np.uint16, np.int32, np.int64)
@@ -55,11 +54,10 @@ def write_dataset(prefix: str | Path, documents: Iterable[np.ndarray], dtype) ->
     dtype = np.dtype(dtype)
     with open(f"{prefix}.bin", "wb") as f:
         sizes = _write_tokens(f, documents, dtype, f"{prefix}.bin")
-    n = len(sizes)
-    pointers = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64) * dtype.itemsize
+    n, pointers = len(sizes), (np.cumsum(sizes) - sizes) * dtype.itemsize  # where each document starts in .bin
     with open(f"{prefix}.idx", "wb") as f:
         f.write(HEADER.pack(MAGIC, 1, CODES[dtype], n, n + 1) + sizes.astype(np.int32).tobytes()
-                + pointers[:n].tobytes() + np.arange(n + 1, dtype=np.int64).tobytes())
+                + pointers.tobytes() + np.arange(n + 1, dtype=np.int64).tobytes())
     return n, int(sizes.sum())
 
 
@@ -193,7 +191,8 @@ def _encode(texts: list[str]) -> list[np.ndarray]:
     return [np.array(_worker["bos"] + e.ids + _worker["eos"], np.int64) for e in encodings]
 
 
-def tokenize(documents: Iterator[str], tokenizer, bos: list[int], eos: list[int], workers: int) -> Iterator[np.ndarray]:
+def tokenize(documents: Iterator[str], tokenizer, bos: list[int], eos: list[int],
+             workers: int) -> Iterator[np.ndarray]:
     """Token arrays in document order, encoded in chunks by `workers` processes."""
     chunks = iter(lambda: list(itertools.islice(documents, 256)), [])
     if workers <= 1:
@@ -264,7 +263,6 @@ def prepare(args: argparse.Namespace):
               "the documents will: prompts to an exported model need it put first by hand", file=sys.stderr)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
-
     # Shards go to a staging folder first, so an error or a crash leaves no dataset behind, and the
     # dataset file, written last by rename, never names a half-written shard.
     created, staging = not output.exists(), output / ".prepare-staging"
@@ -336,16 +334,12 @@ def main(argv: list[str] | None = None):
     args = p.parse_args(argv)
     try:
         prepare(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except DataError as e:  # p.exit prints its message to stderr
+        p.exit(2, f"error: {e}\n")
     except OSError as e:  # an unwritable folder, a full disk: prepare removed what it had written
-        print(f"error: {e.filename or args.output}: {e.strerror or e}; nothing of the dataset was kept",
-              file=sys.stderr)
-        sys.exit(2)
+        p.exit(2, f"error: {e.filename or args.output}: {e.strerror or e}; nothing of the dataset was kept\n")
     except KeyboardInterrupt:
-        print("interrupted; nothing of the dataset was kept", file=sys.stderr)
-        sys.exit(130)
+        p.exit(130, "interrupted; nothing of the dataset was kept\n")
 
 
 if __name__ == "__main__":
