@@ -205,7 +205,7 @@ def did_you_mean(key: str, known: list[str], parent: str) -> str:
 
 def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
     """Parse the YAML file, apply `section.key=value` overrides, merge a pretrained config.json under the file's own
-    model.base_model keys, build and validate the Config for `world_size` ranks; one ConfigError lists every problem."""
+    model.base_model keys, build and validate the Config for `world_size` ranks; one ConfigError lists all problems."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (FileNotFoundError, IsADirectoryError):
@@ -284,8 +284,7 @@ def validate(c: Config, world_size: int) -> list[str]:
          "training.export.interval must be at least 1 (or null: off)"),
         (b.micro_batch_size < 1, "batch.micro_batch_size must be at least 1"),
         (b.sequence_length < 1, "batch.sequence_length must be at least 1"),
-        (b.batch_size is None or b.batch_size < 1, f"batch.batch_size is required and must be at least 1, got "
-         f"{b.batch_size}"),
+        ((b.batch_size or 0) < 1, f"batch.batch_size is required and must be at least 1, got {b.batch_size}"),
         *((True, message) for message in c.data.errors()),
         (lr.base < 0 or lr.minimum < 0, "optimizer.learning_rate.base and .minimum must not be negative"),
         (lr.decay_style not in SCHEDULES,
@@ -375,8 +374,8 @@ NO_EFFECT = {path: (values, why) for paths, values, why in [  # Fast-LLM keys th
     ((D + "optimization_dtype",), ("float32", "fp32"), "master weights and optimizer state are float32 here"),
     (("data.truncate_documents",), (True,), "documents are cut at sequence boundaries; padding is not implemented"),
     ((MIXER + "use_flash_attention", MIXER + "implementation", T + "use_flash_attention", D + "timeout",
-      "training.timeout", "training.num_workers", "data.gpu", "data.sampling.gpu", "schedule.micro_batch_splits"), None,
-     ""),
+      "training.timeout", "training.num_workers", "data.gpu", "data.sampling.gpu", "schedule.micro_batch_splits"),
+     None, ""),
 ] for path in paths}
 BATCH = ("data.micro_batch_size", "data.maximum_document_length", "schedule.depth_first_micro_batches",
          "schedule.breadth_first_micro_batches")
@@ -396,7 +395,7 @@ def unflatten(flat: dict) -> dict:
         *parents, leaf = path.split(".")
         node = tree
         for part in parents:
-            node = node[part] if isinstance(node.get(part), dict) else node.setdefault(part, {})
+            node = node.setdefault(part, {})
         node[leaf] = value
     return tree
 
@@ -417,7 +416,7 @@ def translate(raw: dict, world_size: int, errors: list[str], warnings: list[str]
         sub = {p[len(path) + 1:]: flat.pop(p) for p in list(flat) if p.startswith(path + ".")}
         return flat.pop(path, unflatten(sub) if sub else default)
 
-    if newer and not flat.get("pretrained.path") and not any(p.startswith(T) for p in flat):  # newer defaults, not ours
+    if newer and not flat.get("pretrained.path") and not any(p.startswith(T) for p in flat):  # its defaults, not ours
         flat.update({p: v for p, v in NEWER_DEFAULTS.items() if p not in flat and RENAMES[p] not in flat})
     errors += [f"`{a}` and `{b}`: this model has one setting for both; set both, or neither"
                for a, b in PAIRS if (a in flat) != (b in flat)]
