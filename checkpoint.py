@@ -72,10 +72,20 @@ def due(interval: int | None, step: int, last: bool) -> bool:
     return interval is not None and (step % interval == 0 or last)
 
 
+@contextlib.contextmanager
+def naming(path: Path):
+    """An OSError raised inside names `path` if it names no file (a write to a full disk names none)."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
+
+
 def write_file(path: Path, chunks) -> dict:
     """Write the byte chunks to `path`, hashing them on the way: the manifest entry of the file."""
     digest, size = hashlib.sha256(), 0
-    with path.open("wb") as f:
+    with naming(path), path.open("wb") as f:
         for chunk in chunks:
             digest.update(chunk)
             size += f.write(chunk)
@@ -114,9 +124,14 @@ def checkpoint_steps(exp: Path) -> list[int]:
     return sorted((int(p.name) for p in (exp / "checkpoints").glob("*") if p.name.isdigit()), reverse=True)
 
 
-def damage(checkpoint: Path, rank: int, world: int) -> str | None:
-    """What is wrong with a checkpoint's files, or None. Every rank checks the sizes; each file's hash is
-    checked by one rank (file i by rank i mod world), and the ranks share what they found."""
+def shard_name(rank: int, world: int) -> str:
+    return f"optimizer-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def damage(checkpoint: Path, rank: int = 0, world: int = 1) -> str | None:
+    """What makes a checkpoint unusable, or None. Its manifest must list every file a resume or an export reads
+    (nothing else is read), each of the listed size and hash, and the weights must be marked finite. Every rank
+    checks the sizes; file i is hashed by rank i mod world, and the ranks share what they found."""
     problems = []
     try:
         manifest = json.loads((checkpoint / "manifest.json").read_text())
@@ -126,8 +141,14 @@ def damage(checkpoint: Path, rank: int, world: int) -> str | None:
                 problems.append(f"{path} is missing or has the wrong size")
             elif i % world == rank and sha256(path) != entry["sha256"]:
                 problems.append(f"{path} does not match its checksum")
-        read_state(checkpoint)
+        state = read_state(checkpoint)
         json.loads((checkpoint / "model_config.json").read_text())
+        needed = ["model.safetensors", "model_config.json", "config.yaml", "trainer.json",
+                  *(shard_name(r, state.world_size) for r in range(state.world_size))]
+        if unlisted := [name for name in needed if name not in manifest]:
+            problems.append(f"{checkpoint / 'manifest.json'} does not vouch for {', '.join(unlisted)}")
+        if not state.weights_finite:
+            problems.append(f"{checkpoint} holds non-finite weights")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         problems.append(f"{checkpoint}: {e}")
     if world > 1:
@@ -137,28 +158,39 @@ def damage(checkpoint: Path, rank: int, world: int) -> str | None:
     return "; ".join(problems) or None
 
 
-def choose_checkpoint(exp: Path, config, rank: int, world: int) -> tuple[Path | None, TrainerState]:
-    """The newest checkpoint that is whole and holds finite weights, and its trainer state; warns about
-    each one passed over. None if the run has none; a CheckpointError if it has some but none can be used."""
-    passed = []
+def choose_checkpoint(exp: Path, rank: int, world: int, load) -> tuple[Path | None, TrainerState | None, list[Path]]:
+    """The newest checkpoint that `damage` passes and `load(checkpoint, state)` takes (it loads what it needs and
+    returns what is wrong with it, or None), its trainer state, and those passed over, newest first, each named in
+    a warning. (None, None, []) if the run has none; a CheckpointError if it has some but none can be used."""
+    passed, problems = [], []
     for step in checkpoint_steps(exp):
         checkpoint = exp / "checkpoints" / str(step)
-        problem = damage(checkpoint, rank, world)
-        if problem is None and not read_state(checkpoint).weights_finite:
-            problem = f"{checkpoint} holds non-finite weights"
-        if problem is None:
-            return checkpoint, check_checkpoint(checkpoint, config)
-        passed.append(problem)
+        if (problem := damage(checkpoint, rank, world)) is None:
+            state = read_state(checkpoint)
+            if (problem := load(checkpoint, state)) is None:
+                return checkpoint, state, passed
+        passed.append(checkpoint)
+        problems.append(problem)
         if rank == 0:
             print(f"warning: checkpoint {checkpoint} can't be used ({problem}); trying an older one", file=sys.stderr)
     if passed:
-        raise CheckpointError(f"no usable checkpoint in {exp / 'checkpoints'}: {'; '.join(passed)}. Move that "
+        raise CheckpointError(f"no usable checkpoint in {exp / 'checkpoints'}: {'; '.join(problems)}. Move that "
                               "folder away to start from scratch.")
-    return None, TrainerState(sequence_length=config.batch.sequence_length)
+    return None, None, []
 
 
-def check_checkpoint(checkpoint: Path, config) -> TrainerState:
-    """The checkpoint's trainer state, after checking that it was written by this model."""
+def set_aside(checkpoints: list[Path]) -> None:
+    """Rename checkpoints passed over at start to damaged-STEP: never rotated or deleted, yours to look at."""
+    for checkpoint in checkpoints:
+        aside = checkpoint.with_name(f"damaged-{checkpoint.name}")
+        while aside.exists() or aside.is_symlink():
+            aside = aside.with_name(aside.name + "+")
+        checkpoint.rename(aside)
+        print(f"checkpoint {checkpoint} can't be used: set aside as {aside}")
+
+
+def check_checkpoint(checkpoint: Path, state: TrainerState, config) -> None:
+    """Refuse a checkpoint written by another model or for another sequence length (not a reason to fall back)."""
     saved = json.loads((checkpoint / "model_config.json").read_text())
     ours = dataclasses.asdict(config.model.base_model)
     for key in EXECUTION_ONLY:
@@ -171,11 +203,9 @@ def check_checkpoint(checkpoint: Path, config) -> TrainerState:
             f"{checkpoint} was written by a different model than model.base_model describes "
             f"({'; '.join(diff)}). Use another run.experiment_dir, or the model that wrote it."
         )
-    state = read_state(checkpoint)
     if state.sequence_length != config.batch.sequence_length:
         raise CheckpointError(f"{checkpoint} was trained with batch.sequence_length {state.sequence_length}, "
                               f"not {config.batch.sequence_length}")
-    return state
 
 
 def leaves(tree: dict, prefix: str = "") -> dict:
@@ -215,12 +245,13 @@ def save_checkpoint(exp: Path, model, optimizer, state: TrainerState, config, ra
         tensors["rng/cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng/cuda"] = torch.cuda.get_rng_state()
-        name = f"optimizer-{rank:05d}-of-{world:05d}.safetensors"
+        name = shard_name(rank, world)
         manifest = {name: write_file(tmp / name, safetensors_chunks(tensors))}
         if rank == 0:
             weights = safetensors_chunks(model.state_dict())
             manifest["model.safetensors"] = write_file(tmp / "model.safetensors", weights)
-            for name, text in (("model_config.json", json.dumps(dataclasses.asdict(config.model.base_model), indent=2)),
+            model_config = json.dumps(dataclasses.asdict(config.model.base_model), indent=2)
+            for name, text in (("model_config.json", model_config),
                                ("config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)),
                                ("trainer.json", json.dumps(dataclasses.asdict(state), indent=2))):
                 manifest[name] = write_file(tmp / name, [text.encode()])
@@ -230,12 +261,12 @@ def save_checkpoint(exp: Path, model, optimizer, state: TrainerState, config, ra
         gathered = [None] * world
         dist.all_gather_object(gathered, manifest)
         manifest = {k: v for part in gathered for k, v in part.items()}
-    remove_tmp = lambda: rank == 0 and shutil.rmtree(tmp, ignore_errors=True)  # noqa: E731
+    remove_tmp = lambda: rank == 0 and remove(tmp)  # noqa: E731
     agree(error, f"checkpoint {final}", remove_tmp)
     if rank == 0:
         try:
             write_file(tmp / "manifest.json", [json.dumps(manifest, indent=1).encode()])
-            shutil.rmtree(final, ignore_errors=True)
+            remove(final)
             tmp.rename(final)
         except OSError as e:
             error = e
@@ -254,15 +285,15 @@ def rotate(exp: Path, keep: int, resumed: Path | None = None) -> None:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             finite = read_state(checkpoint).weights_finite
         if i >= keep and checkpoint != resumed and (kept_finite or not finite):
-            shutil.rmtree(checkpoint, ignore_errors=True)
+            remove(checkpoint)
         kept_finite = kept_finite or finite
 
 
 def load_checkpoint(checkpoint: Path, optimizer, state: TrainerState, rank: int, world: int) -> None:
-    files = sorted(checkpoint.glob("optimizer-*-of-*.safetensors"))
-    if len(files) != state.world_size:
-        raise CheckpointError(f"{checkpoint} should hold {state.world_size} optimizer shards, found {len(files)}")
-    shards = [safe_open(f, framework="pt", device="cpu") for f in files]
+    """Set the optimizer (and through it the weights) from the shards the manifest vouches for, and this rank's
+    random state if the run continues on as many ranks."""
+    shards = [safe_open(checkpoint / shard_name(r, state.world_size), framework="pt", device="cpu")
+              for r in range(state.world_size)]
     try:
         optimizer.load_sharded_state(shards)
     except ValueError as e:  # a foreign optimizer shard
@@ -274,14 +305,22 @@ def load_checkpoint(checkpoint: Path, optimizer, state: TrainerState, rank: int,
             torch.cuda.set_rng_state(own.get_tensor("rng/cuda"))
 
 
+def remove(path: Path) -> None:
+    """Delete a file or folder; a symlink is unlinked (what it points to is not ours to delete)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def cpu_state_dict(model) -> dict[str, torch.Tensor]:
     # Copies: the parameters are views into the optimizer's flat buffers, which safetensors refuses.
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
 
 
 STALE_S = 900  # a lock of another host untouched this long is its run's, gone (it touches the lock every step)
@@ -384,14 +423,12 @@ def in_use(exp: Path) -> str | None:
     return None
 
 
-
-
 def trim_metrics(path: Path, keep_until: int) -> None:
     """Drop what an interrupted run logged to metrics.jsonl after the checkpoint this run starts from (everything,
     for a fresh start), so that the file reads as one run; and a line cut short by a crash or a full disk."""
     if not path.exists():
         return
-    kept = []
+    path, kept = path.resolve(), []  # a symlink stays one: its target is rewritten
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
             if json.loads(line)["step"] <= keep_until:
@@ -401,5 +438,5 @@ def trim_metrics(path: Path, keep_until: int) -> None:
                 print(f"warning: {path} line {number} is not a whole record (a crash mid-write?); dropped",
                       file=sys.stderr)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    write_file(tmp, ["".join(line + "\n" for line in kept).encode()])
     tmp.replace(path)

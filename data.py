@@ -47,19 +47,26 @@ DATASET_JSON, DATASET_YAML = "fast_llm_dataset.json", "fast_llm_config.yaml"  # 
 IGNORE_INDEX = -100  # a label the loss leaves out (kernels.IGNORE_INDEX, F.cross_entropy's default)
 
 
-def stream_spans(cumsum: np.ndarray, counts: np.ndarray, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Spans [begin, end) inside documents, `counts[i]` of them in document i, each clipped to its document, as
-    [begin, end) positions in the stream of all documents: (m, 2) int64, sorted by begin."""
+def stream_spans(where, cumsum: np.ndarray, counts: np.ndarray, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Spans [begin, end) inside documents, `counts[i]` of them in document i, as [begin, end) positions in the
+    stream of all documents: (m, 2) int64, sorted by begin. One that leaves its document is refused, naming it."""
     doc = np.repeat(np.arange(len(counts)), counts)
     size = cumsum[doc + 1] - cumsum[doc]
-    begin, end = np.clip(begin, 0, size), np.clip(end, 0, size)
+    if (bad := (begin < 0) | (begin > end) | (end > size)).any():  # empty ones ([b, b)) are allowed, and dropped
+        i = int(np.argmax(bad))
+        raise DataError(f"{where}: document {doc[i]} has a loss-masking span [{begin[i]}, {end[i]}) that is not "
+                        f"inside its {size[i]} tokens; the file is corrupt.")
     spans = (np.stack([begin, end], 1) + cumsum[doc][:, None])[begin < end]
     return spans[np.argsort(spans[:, 0], kind="stable")]
 
 
 class _Tokens:
-    """What all readers share: no spans unless they say so, document access, the cache key of their files."""
-    has_spans, files = False, ()
+    """What all readers share: no spans unless they say so (then checked on open, as stream positions), document
+    access, the cache key of their files."""
+    has_spans, files, _spans = False, (), np.zeros((0, 2), np.int64)
+
+    def spans(self) -> np.ndarray:
+        return self._spans
 
     def document(self, i: int) -> np.ndarray:
         return self.read(int(self.cumsum[i]), int(self.cumsum[i + 1] - self.cumsum[i]))
@@ -135,7 +142,9 @@ class MemmapDataset(_Tokens):
         self.tokens = np.memmap(bin_, self.dtype, "r", shape=(bin_bytes // self.dtype.itemsize,))
         # Every writer we know lays documents end to end in index order; then a window is one slice.
         self.contiguous = bool(np.array_equal(self.pointers[1:], ends[:-1]))
-        self._spans = counts, np.frombuffer(raw, np.int32, (preference_at - spans_at) // 4, spans_at).reshape(-1, 2)
+        if self.has_spans:  # stored as [begin, last]
+            stored = np.frombuffer(raw, np.int32, (preference_at - spans_at) // 4, spans_at).reshape(-1, 2)
+            self._spans = stream_spans(idx, self.cumsum, counts, stored[:, 0], stored[:, 1].astype(np.int64) + 1)
         # Read, not used (they are for preference training): chosen and rejected [begin, last] of each document.
         self.preference = np.frombuffer(raw, np.int32, 4 * n, preference_at).reshape(2, n, 2) if preference else None
 
@@ -147,10 +156,6 @@ class MemmapDataset(_Tokens):
         position = np.arange(start, start + length)
         doc = np.searchsorted(self.cumsum, position, side="right") - 1
         return self.tokens[self.pointers[doc] // self.dtype.itemsize + position - self.cumsum[doc]]
-
-    def spans(self) -> np.ndarray:
-        counts, spans = self._spans
-        return stream_spans(self.cumsum, counts, spans[:, 0], spans[:, 1].astype(np.int64) + 1)  # stored [begin, last]
 
 
 class FileDataset(_Tokens):
@@ -193,10 +198,11 @@ class FileDataset(_Tokens):
         if self.has_spans:  # ranges [begin, end) int32[m, 2], then the cumulative count of each document's
             (m,) = self._counts(spans, "num_ranges")
             at = self._section(spans, b"range", 8 * m + 4 * (n + 1))
-            self._ranges = np.frombuffer(raw, np.int32, 2 * m, at).reshape(-1, 2)
-            self._range_counts = np.frombuffer(raw, np.int32, n + 1, at + 8 * m)
-            if self._range_counts[0] != 0 or self._range_counts[-1] != m or (np.diff(self._range_counts) < 0).any():
+            ranges = np.frombuffer(raw, np.int32, 2 * m, at).reshape(-1, 2)
+            counts = np.frombuffer(raw, np.int32, n + 1, at + 8 * m)
+            if counts[0] != 0 or counts[-1] != m or (np.diff(counts) < 0).any():
                 raise DataError(f"{path}: its span counts do not add up to its {m} loss-masking spans; it is corrupt.")
+            self._spans = stream_spans(path, self.cumsum, np.diff(counts), *ranges.T)
 
     def _counts(self, part: dict, *keys: str) -> list[int]:
         values = [part.get(key) for key in keys]
@@ -216,9 +222,6 @@ class FileDataset(_Tokens):
 
     def read(self, start: int, length: int) -> np.ndarray:
         return self.tokens[start : start + length]
-
-    def spans(self) -> np.ndarray:
-        return stream_spans(self.cumsum, np.diff(self._range_counts), self._ranges[:, 0], self._ranges[:, 1])
 
 
 class Concatenation(_Tokens):

@@ -8,6 +8,7 @@ translation and a crash-safe write; import is the reverse, with strict checks of
 """
 import argparse
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -22,7 +23,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from checkpoint import checkpoint_steps, read_state
+from checkpoint import CheckpointError, choose_checkpoint, damage, read_state, remove
 from data import DataError, tokenizer_ids
 from model import BaseModelConfig, Llama
 
@@ -51,7 +52,8 @@ HF_KEYS = {"vocab_size": "vocab_size", "tie_word_embeddings": "tie_word_embeddin
            "rms_norm_eps": "transformer.normalization.epsilon", "attention_bias": "transformer.add_linear_biases",
            "mlp_bias": "transformer.add_linear_biases"}
 ROPE_KEYS = {"factor": "scale_factor", "low_freq_factor": "low_frequency_factor",  # rope_scaling's, under rotary
-             "high_freq_factor": "high_frequency_factor", "original_max_position_embeddings": "original_context_length"}
+             "high_freq_factor": "high_frequency_factor",
+             "original_max_position_embeddings": "original_context_length"}
 
 
 def hf_config(config: BaseModelConfig, max_position_embeddings: int, dtype: torch.dtype) -> dict:
@@ -199,6 +201,9 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
             "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: generate() rejects them
             "clean_up_tokenization_spaces": False}
     jsons["generation_config.json"] = {k: config_json[k] for k in ("bos_token_id", "eos_token_id")}
+    tmp, old = (output_dir.with_name(f".{output_dir.name}.{end}") for end in ("partial", "old"))
+    if old.is_dir() and not output_dir.exists():  # killed between the two renames below: the old one is whole
+        old.rename(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ExportError(f"{output_dir}: already exists and is not empty; remove it, export elsewhere, "
                           "or ask to overwrite (--overwrite).")
@@ -215,23 +220,28 @@ def export_llama(state_dict: dict[str, torch.Tensor], config: BaseModelConfig, o
             "metadata": {"total_size": sum(t.nbytes for t in state_dict.values())},
             "weight_map": {hf_name(n): f for f, names in zip(files, shards) for n in names}}
 
-    tmp = output_dir.with_name(f".{output_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
+    remove(tmp)  # left by an earlier crash
     tmp.mkdir(parents=True)
     try:
         for file, names in zip(files, shards):  # one shard at a time on the CPU
-            save_file({hf_name(n): state_dict[n].detach().cpu().contiguous() for n in names}, tmp / file,
-                      metadata={"format": "pt"})
+            try:
+                save_file({hf_name(n): state_dict[n].detach().cpu().contiguous() for n in names}, tmp / file,
+                          metadata={"format": "pt"})
+            except SafetensorError as e:  # its own error for a failed write (a full disk): made Python's OSError
+                code = int(m[1]) if (m := re.search(r"os error (\d+)", str(e))) else errno.EIO
+                raise OSError(code, os.strerror(code), str(tmp / file)) from None
             os.chmod(tmp / file, 0o666 & ~UMASK)  # safetensors writes its files 0600: others may read the weights
         for name, content in jsons.items():
             (tmp / name).write_text(json.dumps(content, indent=2))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        if output_dir.exists():  # empty, or overwrite was asked for
-            shutil.rmtree(output_dir)
+        if output_dir.exists() or output_dir.is_symlink():  # empty, or overwrite was asked for: replaced by renames,
+            remove(old)  # so that a kill at any moment leaves a whole export under one of the two names
+            output_dir.rename(old)
         tmp.rename(output_dir)
+        remove(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     return output_dir
 
@@ -296,32 +306,29 @@ def load_llama_weights(model: Llama, path) -> None:
 def export_checkpoint(checkpoint, output_dir, tokenizer_path=None, **kwargs) -> Path:
     """Export a checkpoint folder, or an experiment folder's newest checkpoint. Without `tokenizer_path`,
     the tokenizer.json beside the dataset the checkpoint was trained on goes in, when there is one."""
-    checkpoint = Path(checkpoint)
-    if (checkpoint / "checkpoints").is_dir():  # an experiment folder
-        if not (steps := checkpoint_steps(checkpoint)):
+    checkpoint, weights = Path(checkpoint), {}
+
+    def load(checkpoint: Path, state) -> str | None:  # its weights, if they are finite
+        weights.clear()
+        weights.update(load_file(checkpoint / "model.safetensors"))
+        return None if all(t.isfinite().all() for t in weights.values()) else "its weights hold NaN or infinity"
+    if (checkpoint / "checkpoints").is_dir():  # an experiment folder: its newest usable checkpoint, as a resume takes
+        if (found := choose_checkpoint(checkpoint, 0, 1, load)[0]) is None:
             raise ExportError(f"{checkpoint}: an experiment folder without a complete checkpoint yet.")
-        checkpoint = checkpoint / "checkpoints" / str(steps[0])
-    if tokenizer_path is None and (checkpoint / "config.yaml").is_file():
+        checkpoint = found
+    elif not (checkpoint / "manifest.json").is_file():
+        where = "" if checkpoint.is_dir() else "; no such folder"
+        raise ExportError(f"{checkpoint}: not a checkpoint folder (train.py writes them into EXPERIMENT_DIR/"
+                          f"checkpoints/STEP/, with a manifest.json){where}.")
+    elif problem := damage(checkpoint) or load(checkpoint, None):
+        raise ExportError(f"checkpoint {checkpoint} can't be used: {problem}.")
+    if tokenizer_path is None:
         data = (yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}).get("data") or {}
         found = Path(str(data.get("path"))).parent / "tokenizer.json"
-        tokenizer_path = found if data.get("format", "file") == "file" and found.is_file() else None
-    need = ["model_config.json", "trainer.json", "model.safetensors"]
-    if not checkpoint.is_dir() or (missing := [n for n in need if not (checkpoint / n).is_file()]):
-        raise ExportError(f"{checkpoint}: not a checkpoint folder (one holds {', '.join(need)}, as train.py "
-                          f"writes into EXPERIMENT_DIR/checkpoints/STEP/)"
-                          + (f"; missing {', '.join(missing)}." if checkpoint.is_dir() else "; no such folder."))
-    config = model_config_from_dict(_read_json(checkpoint / "model_config.json", "the model config"))
-    try:
-        sequence_length = read_state(checkpoint).sequence_length
-    except (OSError, ValueError, TypeError) as e:
-        raise ExportError(f"{checkpoint / 'trainer.json'}: not a readable trainer state ({e}).") from None
-    if not sequence_length:
-        raise ExportError(f"{checkpoint / 'trainer.json'}: no sequence_length.")
-    try:
-        state_dict = load_file(checkpoint / "model.safetensors")
-    except SafetensorError as e:
-        raise ExportError(f"{checkpoint / 'model.safetensors'}: not a readable safetensors file ({e}).") from None
-    return export_llama(state_dict, config, output_dir, max_position_embeddings=context_length(config, sequence_length),
+        tokenizer_path = found if data.get("format", "file") == "file" and "path" in data and found.is_file() else None
+    config = model_config_from_dict(json.loads((checkpoint / "model_config.json").read_text()))
+    sequence_length = read_state(checkpoint).sequence_length
+    return export_llama(weights, config, output_dir, max_position_embeddings=context_length(config, sequence_length),
                         tokenizer_path=tokenizer_path, **kwargs)
 
 
@@ -360,7 +367,7 @@ def main(argv=None) -> None:
     try:
         out = export_checkpoint(args.checkpoint, args.output, tokenizer_path=args.tokenizer,
                                 max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
-    except ExportError as e:
+    except (ExportError, CheckpointError) as e:
         p.exit(2, f"export.py: error: {e}\n")
     except OSError as e:  # an unwritable folder, a full disk: one line, as argparse reports a bad argument
         p.exit(2, f"export.py: error: {e.filename or args.output}: {e.strerror or e}\n")

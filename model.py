@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 
 try:
     import kernels  # needs Triton; without it the model runs on the pure-torch twins below
-    if not hasattr(kernels, "IGNORE_INDEX"):  # Hugging Face's `kernels` was imported before this folder was on sys.path
+    if not hasattr(kernels, "IGNORE_INDEX"):  # Hugging Face's `kernels` was imported before this folder on sys.path
         spec = importlib.util.spec_from_file_location("llama_kernels", os.path.dirname(__file__) + "/kernels.py")
         kernels = sys.modules["llama_kernels"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(kernels)

@@ -9,13 +9,16 @@ clips by the global norm, updates its float32 shard and all-gathers the new weig
 validate, checkpoint and export on their intervals. Everything the run writes lands in
 `run.experiment_dir`; a run that finds a complete checkpoint there resumes from it exactly.
 """
-import argparse
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends the process quietly; main() restores it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+import argparse  # noqa: E402 (the imports below come after that line on purpose)
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,9 +28,10 @@ import torch.distributed as dist
 import yaml
 
 import export
-from checkpoint import (CheckpointError, Interval, agree, all_ok, check_checkpoint, checkpoint_steps,
+from checkpoint import (CheckpointError, Interval, TrainerState, agree, all_ok, check_checkpoint, checkpoint_steps,
                         choose_checkpoint, cpu_state_dict, due, experiment_dir_problem, leaves, load_checkpoint,
-                        release_lock, rotate, save_checkpoint, take_lock, touch_lock, trim_metrics)
+                        release_lock, rotate, save_checkpoint, naming, set_aside, take_lock, touch_lock,
+                        trim_metrics, write_file)
 from data import IGNORE_INDEX, Data, DataError, Loader
 from model import Llama, count_parameters, flops_per_token, fused_cross_entropy_problem, kernels
 from schema import TRAINING_DTYPES, Config, ConfigError, LearningRateConfig, load_config
@@ -54,7 +58,6 @@ class Trainer:
         if d.float8_matmuls and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             raise ConfigError("model.distributed.float8_matmuls needs float8 tensor cores (compute capability 8.9 or "
                               f"more: H100, H200); {torch.cuda.get_device_name(device)} has none: set it false")
-        self.checkpoint, self.state = choose_checkpoint(self.exp, config, rank, world)
 
         # Model: built on meta, materialized and initialized on the device, the same on every rank.
         torch.manual_seed(config.model.distributed.seed)
@@ -65,11 +68,22 @@ class Trainer:
                   "state, and steps take very long", file=sys.stderr)
         self.model.init_weights(device)
         source = f"the initialization (model.base_model.transformer.init_method_std {m.transformer.std})"
-        if config.pretrained is not None and config.pretrained.model_weights and self.checkpoint is None:
+        resuming = bool(checkpoint_steps(self.exp))  # from a usable one, or a CheckpointError below
+        if config.pretrained is not None and config.pretrained.model_weights and not resuming:
             export.load_llama_weights(self.model, config.pretrained.path)
             source = f"the weights of pretrained.path {config.pretrained.path}"
             if self.rank == 0:
                 print(f"loaded pretrained weights from {config.pretrained.path}")
+        c = config.optimizer
+        self.optimizer = ZeroAdamW(self.model, betas=(c.beta_1, c.beta_2), eps=c.epsilon, weight_decay=c.weight_decay,
+                                   decays=decays, zero_stage=config.model.multi_stage.zero_stage)
+        # The newest checkpoint that its manifest vouches for and whose weights load finite; train() sets aside
+        # those passed over, so that they never count as kept.
+        self.checkpoint, self.state, self.passed = choose_checkpoint(self.exp, rank, world, self.load)
+        if self.checkpoint is None:
+            self.state = TrainerState(sequence_length=b.sequence_length)
+            if not all_finite(self.model):
+                raise ConfigError(f"the starting weights hold NaN or infinite values; they come from {source}")
 
         # The samples each split's reader takes over the whole run (data.sampling.shuffle: full shuffles over them).
         passes = t.train_iters // t.validation.interval + 1 if t.validation.interval else 0
@@ -90,14 +104,6 @@ class Trainer:
             if wanted and self.sources[split][0].num_samples(self.sources[split][1]) == 0:
                 raise DataError(f"{key} but the {split} split of data.split {config.data.split} holds no sample")
 
-        c = config.optimizer
-        self.optimizer = ZeroAdamW(self.model, betas=(c.beta_1, c.beta_2), eps=c.epsilon, weight_decay=c.weight_decay,
-                                   decays=decays, zero_stage=config.model.multi_stage.zero_stage)
-        if self.checkpoint:
-            load_checkpoint(self.checkpoint, self.optimizer, self.state, rank, world)
-            source = f"checkpoint {self.checkpoint}"
-        if not all_finite(self.model):
-            raise ConfigError(f"the starting weights hold NaN or infinite values; they come from {source}")
         self.model.recompute_layers = recompute_layers(config, device)  # the one place that sets it
         self.accumulation = b.batch_size // (b.micro_batch_size * world)  # micro-batches per step on each rank
         self.tokens_per_step = b.batch_size * b.sequence_length
@@ -116,7 +122,9 @@ class Trainer:
         if not all_ok(error is None):
             raise error or ConfigError("training.wandb: Weights & Biases did not start on rank 0")
         if rank == 0:
-            (exp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
+            resolved = yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False)
+            write_file(exp / "config.yaml", [resolved.encode()])
+            set_aside(self.passed)
             rotate(exp, t.checkpoint.keep, self.checkpoint)  # after a kill between a rename and its rotation
             trim_metrics(exp / "metrics.jsonl", state.step)
         self.loaders = {s: self.loader(s, state.consumed.get(s, 0)) for s in ("train", "validation")}
@@ -310,9 +318,15 @@ class Trainer:
             print(text, flush=True)
         if self.rank == 0 and metrics:
             metrics["time"] = round(time.time(), 3)
-            with (self.exp / "metrics.jsonl").open("a") as f:
+            with naming(self.exp / "metrics.jsonl"), (self.exp / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             self.tracker.log(metrics)
+
+    def load(self, checkpoint: Path, state: TrainerState) -> str | None:
+        """Resume from `checkpoint`; what makes it unusable, or None. Another model's checkpoint is refused."""
+        check_checkpoint(checkpoint, state, self.config)
+        load_checkpoint(checkpoint, self.optimizer, state, self.rank, self.world)
+        return None if all_ok(all_finite(self.model)) else "its weights hold NaN or infinite values"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,8 +531,7 @@ def dry_run(config: Config, rank: int, world: int) -> None:
     exp = Path(config.run.experiment_dir)  # writable, not in use, and its checkpoints of this model
     if problem := experiment_dir_problem(exp):
         raise ConfigError(problem)
-    if steps := checkpoint_steps(exp):
-        check_checkpoint(exp / "checkpoints" / str(steps[0]), config)
+    choose_checkpoint(exp, rank, world, lambda checkpoint, state: check_checkpoint(checkpoint, state, config))
     b, d, m = config.batch, config.data, config.model
     # The data, if here (a login node may not see it): files, splits, tokens; reads an old run's cache, writes none.
     if checked := d.format == "random" or Path(d.path).is_file():
@@ -552,6 +565,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="check the config (and a pretrained folder's shapes), "
                         "print the parameter count, the tokens per step and the accumulation steps, write nothing")
     args = parser.parse_intermixed_args(argv)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # set while the imports ran
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     rank = 0
     try:
         rank, world, local_rank = launched()

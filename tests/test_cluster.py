@@ -96,7 +96,7 @@ def test_a_lock_another_host_keeps_fresh_is_respected(setup, capsys):
     assert sorted(p.name for p in exp.iterdir()) == ["lock"]
 
 
-def slurm_tasks(config, *overrides, tasks=2):
+def slurm_tasks(config, *overrides, tasks=2, **popen):
     """train.py as `srun --ntasks=2` starts it: one process per task, told its place by Slurm's variables."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,7 +106,7 @@ def slurm_tasks(config, *overrides, tasks=2):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                              env=dict(keep, OMP_NUM_THREADS="1", SLURM_STEP_NUM_TASKS=str(tasks), SLURM_PROCID=str(i),
                                       SLURM_LOCALID=str(i), SLURM_NTASKS="16", MASTER_ADDR="127.0.0.1",
-                                      MASTER_PORT=str(port)))
+                                      MASTER_PORT=str(port)), **popen)
             for i in range(tasks)]
 
 

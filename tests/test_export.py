@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import export
+from checkpoint import safetensors_chunks, write_file
 from export import ExportError, base_model_dict_from_hf, export_llama, load_llama_weights, model_config_from_dict
 from helpers import LLAMA_31_8B, build_llama, llama_config
 from model import BaseModelConfig, Llama, NormalizationConfig, count_parameters
@@ -365,9 +366,13 @@ def test_cli_exports_a_checkpoint_and_rejects_a_non_checkpoint(tmp_path):
     model = our_model(config, dtype=torch.bfloat16)
     checkpoint = tmp_path / "checkpoints" / "20"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "model_config.json").write_text(json.dumps(dataclasses.asdict(config)))
-    (checkpoint / "trainer.json").write_text(json.dumps({"step": 20, "sequence_length": SEQ}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint / "model.safetensors")
+    files = {"model_config.json": json.dumps(dataclasses.asdict(config)), "config.yaml": "{}",
+             "trainer.json": json.dumps({"step": 20, "sequence_length": SEQ}),
+             "optimizer-00000-of-00001.safetensors": "(an export does not read it)"}
+    manifest = {name: write_file(checkpoint / name, [text.encode()]) for name, text in files.items()}
+    weights = safetensors_chunks({k: v.contiguous() for k, v in model.state_dict().items()})
+    manifest["model.safetensors"] = write_file(checkpoint / "model.safetensors", weights)
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))  # as train.py writes a checkpoint
     train_tokenizer(tmp_path / "tokenizer.json")  # 300 tokens: more than this model's 128
     run = lambda *args: subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, args)],  # noqa: E731
                                        capture_output=True, text=True, cwd=tmp_path)
