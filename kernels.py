@@ -1,14 +1,13 @@
-"""Triton kernels for the three ops that decide speed and memory on a GPU.
+"""Triton kernels for the ops that decide speed and memory on a GPU.
 
-Each op is a Triton kernel, the launcher that calls it and a `torch.autograd.Function`; its
-pure-torch twin lives in `model.py` (`rms_norm_torch`, `rotary_torch`, `cross_entropy_torch`) and
-`tests/test_kernels.py` checks the two against each other, forward and gradients. `model.py`
-decides where the kernels run (CUDA tensors; the twins elsewhere).
+Each op is a Triton kernel, the launcher that calls it and a `torch.autograd.Function`; its pure-torch twin lives
+in `model.py` (each op names its own) and `tests/test_kernels.py` checks the two against each other, forward
+and gradients. `model.py` decides where the kernels run (CUDA tensors; the twins elsewhere).
 
-Without a GPU the kernels run under Triton's interpreter if TRITON_INTERPRET=1 is set before this
-module is imported (the tests do so). Conventions in every kernel:
-  - operands are loaded, converted to float32, computed on, and rounded once on store (this also
-    sidesteps the interpreter, which gets bf16 arithmetic wrong);
+Without a GPU the kernels run under Triton's interpreter if TRITON_INTERPRET=1 is set before this module is imported
+(the tests do so). Conventions in every kernel:
+  - operands are loaded, converted to float32, computed on, and rounded once on store (this also sidesteps the
+    interpreter, which gets bf16 arithmetic wrong);
   - a row's offset is row * row_length in int64: rows x row length can pass 2^31.
 """
 import importlib.metadata
@@ -28,13 +27,6 @@ IGNORE_INDEX = -100  # labels equal to this add nothing to the loss (F.cross_ent
 def _num_warps(block: int) -> int:
     """Warps for a program that handles `block` elements at once: 16 to 32 elements per thread."""
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
-
-
-def _multiprocessors(device: torch.device) -> int:
-    """Sizes the grids that loop over rows (a few programs per multiprocessor)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 3  # under the interpreter: few programs, so that the tests run their row loops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,25 +72,25 @@ def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, N,
 
 def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x (rows, H) contiguous -> (y, rstd): y in x's dtype, rstd float32 per row."""
-    y = torch.empty_like(x)
-    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(x.shape[1])
-    _rms_norm_forward_kernel[(x.shape[0],)](x, weight, y, rstd, x.shape[1], eps, BLOCK=block,
-                                            num_warps=_num_warps(block))
+    (N, H), y = x.shape, torch.empty_like(x)
+    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(H)
+    _rms_norm_forward_kernel[(N,)](x, weight, y, rstd, H, eps, BLOCK=block, num_warps=_num_warps(block))
     return y, rstd
 
 
 def _rms_norm_backward(dy, x, weight, rstd) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight) from dy and what the forward kept: x (rows, H), its rstd."""
     dy = dy.reshape(x.shape).contiguous()
-    dx = torch.empty_like(x)
-    rows = triton.cdiv(x.shape[0], 2 * _multiprocessors(x.device))  # per program; 2 per SM measured best
-    programs = triton.cdiv(x.shape[0], rows)
-    dw = torch.empty(programs, x.shape[1], dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(x.shape[1])
-    _rms_norm_backward_kernel[(programs,)](
-        dy, x, weight, rstd, dx, dw, x.shape[0], x.shape[1], rows, BLOCK=block, num_warps=_num_warps(block)
-    )
+    (N, H), dx = x.shape, torch.empty_like(x)
+    # 2 programs per multiprocessor measured best; under the interpreter few programs, so the tests run the row loops
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 3
+    rows = triton.cdiv(N, 2 * sms)  # per program
+    programs = triton.cdiv(N, rows)
+    dw = torch.empty(programs, H, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(H)
+    _rms_norm_backward_kernel[(programs,)](dy, x, weight, rstd, dx, dw, N, H, rows, BLOCK=block,
+                                           num_warps=_num_warps(block))
     return dx, dw.sum(0).to(weight.dtype)
 
 
@@ -140,14 +132,8 @@ class NormLinearFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *douts):
         x, norm_weight, rstd, *weights = ctx.saved_tensors
-        douts = [d.reshape(x.shape[0], -1) for d in douts]
-        grads_in = [_float8(d, GRAD_FLOAT8, "NT") for d in douts] if ctx.float8 else douts
-        dxn = _grad_input(grads_in, weights, ctx.float8)
-        xn = _rms_norm_forward(x, norm_weight, ctx.eps)[0]
-        grads = []
-        for d, dw, has_bias in zip(douts, _grad_weights(grads_in, xn, ctx.float8), ctx.has_bias):
-            grads += [dw, d.sum(0) if has_bias else None]
-        del xn, grads_in
+        dxn, grads = _project_backward([d.reshape(x.shape[0], -1) for d in douts], weights, ctx.has_bias, ctx.float8,
+                                       lambda _: _rms_norm_forward(x, norm_weight, ctx.eps)[0])  # xn, recomputed
         dx, dw = _rms_norm_backward(dxn, x, norm_weight, rstd)
         return dx.view(ctx.shape), dw, None, None, *grads
 
@@ -163,12 +149,10 @@ def norm_linear(x, norm_weight, eps: float, weights, biases, float8: bool = Fals
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr, cos_ptr, sin_ptr, y_ptr, T, HEADS, D, stride_b, stride_t, stride_h,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
-):
-    """One program per (batch, token), all heads at once; x (batch, T, HEADS, D) with any strides
-    but the last (1), y contiguous, cos/sin (T, D/2) float32. For the pair (x1, x2) at angle a:
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, T, HEADS, D, stride_b, stride_t, stride_h,
+                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr):
+    """One program per (batch, token), all heads at once; x (batch, T, HEADS, D) with any strides but the last (1),
+    y contiguous, cos/sin (T, D/2) float32. For the pair (x1, x2) at angle a:
         forward:   y1 = x1 cos a - x2 sin a,   y2 = x2 cos a + x1 sin a
         backward:  the transposed rotation, i.e. by -a: the same with sin a -> -sin a."""
     row = tl.program_id(0).to(tl.int64)  # b * T + t
@@ -190,15 +174,12 @@ def _rotary_kernel(
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()  # the kernel takes any strides but the last
     B, T, H, D = x.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_h, block_half = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
-    _rotary_kernel[(B * T,)](
-        x, cos.contiguous(), sin.contiguous(), y, T, H, D, x.stride(0), x.stride(1), x.stride(2),
-        BLOCK_H=block_h, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=_num_warps(block_h * block_half),
-    )
+    _rotary_kernel[(B * T,)](x, cos.contiguous(), sin.contiguous(), y, T, H, D, *x.stride()[:3], BLOCK_H=block_h,
+                             BLOCK_HALF=block_half, BACKWARD=backward, num_warps=_num_warps(block_h * block_half))
     return y
 
 
@@ -215,57 +196,52 @@ class RotaryFunction(torch.autograd.Function):
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (batch, tokens, heads, head_dim) rotated by cos/sin (tokens, head_dim/2, float32), the
-    half-split convention of Hugging Face's rotate_half; the twin is `model.rotary_torch`."""
+    """x (batch, tokens, heads, head_dim) rotated by cos/sin (tokens, head_dim/2, float32), the half-split convention
+    of Hugging Face's rotate_half; the twin is `model.rotary_torch`."""
     return RotaryFunction.apply(x, cos, sin)
 
 
 # ---------------------------------------------------------------------------------------------
 # SwiGLU: the MLP's down projection of p = silu(g) * u = g * sigmoid(g) * u, g and u its gate and up
 
-
-@triton.jit
-def _swiglu_forward_kernel(g_ptr, u_ptr, p_ptr, n, BLOCK: tl.constexpr):
-    """Elementwise over n values: p = g * sigmoid(g) * u in float32, rounded once."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p_ptr + offs, (g * tl.sigmoid(g) * u).to(p_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _swiglu_backward_kernel(g_ptr, u_ptr, dp_ptr, n, BLOCK: tl.constexpr):
-    """In place, elementwise, in float32 with s = sigmoid(g):
-        dp's buffer <- p  = g s u                 (recomputed for the down projection's weight gradient)
-        g's buffer  <- dg = dp u s (1 + g (1 - s))  (d silu(g) / dg = s + g s (1 - s))
-        u's buffer  <- du = dp g s"""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dp = tl.load(dp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
-    tl.store(dp_ptr + offs, (g * s * u).to(dp_ptr.dtype.element_ty), mask=mask)
-    tl.store(g_ptr + offs, (dp * u * s * (1 + g * (1 - s))).to(g_ptr.dtype.element_ty), mask=mask)
-    tl.store(u_ptr + offs, (dp * g * s).to(u_ptr.dtype.element_ty), mask=mask)
-
-
 SWIGLU_BLOCK = 2048  # values per program
 
 
+@triton.jit
+def _swiglu_kernel(g_ptr, u_ptr, p_ptr, n, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
+    """Elementwise over n values in float32 with s = sigmoid(g), each result rounded once; the backward reads dp from
+    p's buffer and works in place:
+        p's buffer <- p  = g s u                   (backward: recomputed for the down projection's weight gradient)
+        g's buffer <- dg = dp u s (1 + g (1 - s))  (backward only; d silu(g) / dg = s + g s (1 - s))
+        u's buffer <- du = dp g s                  (backward only)"""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    if BACKWARD:  # p's buffer holds dp: read before p goes over it
+        dp = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(g_ptr + offs, (dp * u * s * (1 + g * (1 - s))).to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(u_ptr + offs, (dp * g * s).to(u_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, (g * s * u).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+def _swiglu(gate, up, p, backward: bool) -> torch.Tensor:
+    """Runs the kernel over gate, up and p, contiguous and of one size (p holds dp in the backward); returns p."""
+    grid = (triton.cdiv(p.numel(), SWIGLU_BLOCK),)
+    _swiglu_kernel[grid](gate, up, p, p.numel(), SWIGLU_BLOCK, BACKWARD=backward, num_warps=_num_warps(SWIGLU_BLOCK))
+    return p
+
+
 class SwiGLULinearFunction(torch.autograd.Function):
-    """down(silu(gate) * up), keeping gate and up but not their product: the backward recomputes it in the
-    kernel that makes the gate and up gradients. Those are written over gate and up (nothing else holds
-    them), so the backward allocates one product-sized buffer; a second backward through the graph is
-    therefore not supported."""
+    """down(silu(gate) * up), keeping gate and up but not their product: the backward recomputes it in the kernel that
+    makes the gate and up gradients. Those are written over gate and up (nothing else holds them), so the backward
+    allocates one product-sized buffer; a second backward through the graph is therefore not supported."""
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, float8):
         gate, up = gate.contiguous(), up.contiguous()
-        p = torch.empty_like(gate)
-        grid = (triton.cdiv(p.numel(), SWIGLU_BLOCK),)
-        _swiglu_forward_kernel[grid](gate, up, p, p.numel(), BLOCK=SWIGLU_BLOCK, num_warps=_num_warps(SWIGLU_BLOCK))
+        p = _swiglu(gate, up, torch.empty_like(gate), backward=False)
         ctx.save_for_backward(gate, up, weight)
         ctx.has_bias, ctx.float8 = bias is not None, float8
         return _project(p.view(-1, p.shape[-1]), [weight], [bias], float8)[0].view(*p.shape[:-1], -1)
@@ -274,14 +250,10 @@ class SwiGLULinearFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         gate, up, weight = ctx.saved_tensors
-        dout = dout.reshape(-1, weight.shape[0])
-        grads_in = [_float8(dout, GRAD_FLOAT8, "NT") if ctx.float8 else dout]
-        dp = _grad_input(grads_in, [weight], ctx.float8).view(gate.shape)  # then p, in place
-        grid = (triton.cdiv(dp.numel(), SWIGLU_BLOCK),)
-        _swiglu_backward_kernel[grid](gate, up, dp, dp.numel(), BLOCK=SWIGLU_BLOCK,
-                                      num_warps=_num_warps(SWIGLU_BLOCK))
-        dweight = _grad_weights(grads_in, dp.view(dout.shape[0], -1), ctx.float8)[0]
-        return gate, up, dweight, dout.sum(0) if ctx.has_bias else None, None
+        # p, the weight gradient's input, is recomputed over dp by the kernel that writes dgate, dup over gate, up
+        _, (dweight, dbias) = _project_backward([dout.reshape(-1, weight.shape[0])], [weight], [ctx.has_bias],
+                                                ctx.float8, lambda dp: _swiglu(gate, up, dp, backward=True))
+        return gate, up, dweight, dbias, None
 
 
 def swiglu_linear(gate, up, weight, bias=None, float8: bool = False) -> torch.Tensor:
@@ -366,26 +338,25 @@ def _project(x: torch.Tensor, weights, biases, float8: bool) -> list[torch.Tenso
     return [y if b is None else y.add_(b) for y, b in zip(ys, biases)]
 
 
-def _grad_input(douts, weights, float8: bool) -> torch.Tensor:
-    """sum_i douts[i] @ weights[i], the gradient of an input that fed several projections; with float8 each douts[i]
-    is what _float8(dout, GRAD_FLOAT8, "NT") returned."""
-    if not float8:
+def _project_backward(douts, weights, has_bias, float8: bool, input_from) -> tuple[torch.Tensor, list]:
+    """The backward of _project from its outputs' gradients douts[i] (M, N_i): (dx, [dweight_0, dbias_0 or None, ...])
+    with dx = sum_i douts[i] @ weights[i], dweight_i = douts[i]^T @ x, dbias_i = douts[i] summed over M. The functions
+    keep less than x (M, K): `input_from(dx)` makes it once dx is done, and may write it over dx."""
+    if float8:
+        douts8 = [_float8(d, GRAD_FLOAT8, "NT") for d in douts]
+        dx = _mm8(douts8[0][0], _float8(weights[0], E4M3, "T")[0], weights[0].dtype)
+        for (d8, _), w in zip(douts8[1:], weights[1:]):
+            dx.add_(_mm8(d8, _float8(w, E4M3, "T")[0], w.dtype))  # each term rounded once, to bf16: below float8 error
+        x = input_from(dx)
+        [xt8] = _float8(x, E4M3, "T")
+        dweights = [_mm8(dt8, xt8, x.dtype) for _, dt8 in douts8]
+    else:
         dx = douts[0] @ weights[0]
         for d, w in zip(douts[1:], weights[1:]):
             dx.addmm_(d, w)  # the sum over the projections accumulates in the matmul (float32 inside)
-        return dx
-    dx = _mm8(douts[0][0], _float8(weights[0], E4M3, "T")[0], weights[0].dtype)
-    for (d8, _), w in zip(douts[1:], weights[1:]):
-        dx.add_(_mm8(d8, _float8(w, E4M3, "T")[0], w.dtype))  # each term rounded once, to bf16: below float8 error
-    return dx
-
-
-def _grad_weights(douts, x: torch.Tensor, float8: bool) -> list[torch.Tensor]:
-    """[douts[i]^T @ x], the weight gradients of projections fed by x (M, K); douts as for _grad_input."""
-    if not float8:
-        return [d.t() @ x for d in douts]
-    [xt8] = _float8(x, E4M3, "T")
-    return [_mm8(dt8, xt8, x.dtype) for _, dt8 in douts]
+        x = input_from(dx)
+        dweights = [d.t() @ x for d in douts]
+    return dx, [g for d, dw, bias in zip(douts, dweights, has_bias) for g in (dw, d.sum(0) if bias else None)]
 
 
 class Float8Linear(torch.autograd.Function):
@@ -403,28 +374,24 @@ class Float8Linear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dy = dy.reshape(x.shape[0], -1)
-        grads_in = [_float8(dy, GRAD_FLOAT8, "NT")]
-        dx = _grad_input(grads_in, [weight], True).view(ctx.shape)
-        return dx, _grad_weights(grads_in, x, True)[0], dy.sum(0) if ctx.has_bias else None
+        dx, grads = _project_backward([dy.reshape(x.shape[0], -1)], [weight], [ctx.has_bias], True, lambda _: x)
+        return dx.view(ctx.shape), *grads
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused linear cross-entropy: loss = mean over labelled tokens n of lse(z_n) - z_n[label_n],
-# z = hidden @ weight.T, without ever holding all N x V logits
+# Fused linear cross-entropy: loss = mean over labelled tokens n of lse(z_n) - z_n[label_n], z = hidden @ weight.T,
+# without ever holding all N x V logits
 #
-# The tokens go in chunks of C. For each chunk, three matrix products (cuBLAS, in the input dtype)
-# and one Triton kernel:
+# The tokens go in chunks of C; each chunk takes three matrix products (cuBLAS, in the input dtype) and one kernel:
 #     z = h_c @ W.T                        (C x V, input dtype: the only large buffer, reused)
 #     kernel: per row, lse (float32), the row's loss (float32), and in place of z
 #             dz = (softmax(z) - onehot(label)) / n_labelled       (0 for ignored rows)
 #     grad_h[c] = dz @ W                   (written straight into the output)
 #     grad_W   += dz.T @ h_c               (accumulated in the weight's dtype)
-# The gradients are thus finished in the forward pass; the backward only scales them by the
-# incoming gradient. Accumulating grad_W in bf16 rounds it once per chunk
-# instead of once: measured against float64 on an H100 (BENCHMARKS.md), 8 chunks give a relative
-# error of 4.2e-3 where eager's single rounding gives 2.4e-3, still within bf16's own 2^-8. A
-# float32 accumulator would hold 4 bytes x V x H: 2.1 GB at 128,256 x 4096, twice the 1 GB budget.
+# The gradients are thus finished in the forward pass; the backward only scales them by the incoming gradient.
+# Accumulating grad_W in bf16 rounds it once per chunk instead of once: measured against float64 on an H100
+# (BENCHMARKS.md), 8 chunks give a relative error of 4.2e-3 where eager's single rounding gives 2.4e-3, still within
+# bf16's own 2^-8. A float32 accumulator would hold 4 bytes x V x H: 2.1 GB at 128,256 x 4096, twice the 1 GB budget.
 
 LOGITS_CHUNK_BYTES = 512 * 2**20  # the C x V logits buffer: 2048 tokens at V = 128,256 in bf16
 
@@ -469,10 +436,9 @@ def _cross_entropy_rows(z, labels, losses, scale, block=4096, num_warps=None):
 
 def _fused_cross_entropy(hidden, weight, labels, need_grad_h: bool, need_grad_w: bool, chunk_tokens: int | None):
     """(loss, grad_hidden or None, grad_weight or None); the loss is float32, nan if no label counts."""
-    (N, H), V = hidden.shape, weight.shape[0]
+    (N, _), V = hidden.shape, weight.shape[0]
     C = min(N, chunk_tokens or max(1, LOGITS_CHUNK_BYTES // (V * hidden.element_size())))
-    n_labelled = (labels != IGNORE_INDEX).sum()
-    scale = 1.0 / n_labelled.float()  # a device tensor: no host synchronization
+    scale = 1.0 / (labels != IGNORE_INDEX).sum().float()  # 1 / n_labelled, a device tensor: no host synchronization
     losses = torch.empty(N, dtype=torch.float32, device=hidden.device)
     z_buffer = torch.empty(C, V, dtype=hidden.dtype, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_grad_h else None
@@ -494,17 +460,16 @@ def _fused_cross_entropy(hidden, weight, labels, need_grad_h: bool, need_grad_w:
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w = ctx.needs_input_grad[:2]
         loss, ctx.grad_h, ctx.grad_w = _fused_cross_entropy(hidden, weight, labels, need_h, need_w, chunk_tokens)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        # The gradients were finished in forward for a loss gradient of 1; the real one (train.py
-        # divides the loss by accumulation steps x ranks) scales them in place, as a device tensor:
-        # no host synchronization. The gradients are handed over, so a second backward through
-        # this graph is not supported.
+        # The gradients were finished in forward for a loss gradient of 1; the real one (train.py divides the loss by
+        # accumulation steps x ranks) scales them in place, as a device tensor: no host synchronization. The
+        # gradients are handed over, so a second backward through this graph is not supported.
         # _foreach_mul_, not mul_: mul_ by a 0-dim tensor took twice as long on an H200 (BENCHMARKS.md).
         grad_h, grad_w, ctx.grad_h, ctx.grad_w = ctx.grad_h, ctx.grad_w, None, None
         grads = [grad for grad in (grad_h, grad_w) if grad is not None]
@@ -514,10 +479,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy(hidden, weight, labels, chunk_tokens: int | None = None) -> torch.Tensor:
-    """Mean cross-entropy of hidden (N, H) @ weight (V, H).T against labels (N,), IGNORE_INDEX
-    skipped; float32; nan when every label is ignored, as F.cross_entropy. Peak extra memory: one
-    chunk of logits (LOGITS_CHUNK_BYTES, or chunk_tokens x V) besides the two gradients. The twin
-    is `model.cross_entropy_torch`."""
+    """Mean cross-entropy of hidden (N, H) @ weight (V, H).T against labels (N,), IGNORE_INDEX skipped; float32; nan
+    when every label is ignored, as F.cross_entropy. Peak extra memory: one chunk of logits (LOGITS_CHUNK_BYTES, or
+    chunk_tokens x V) besides the two gradients. The twin is `model.cross_entropy_torch`."""
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         return _fused_cross_entropy(hidden, weight, labels, False, False, chunk_tokens)[0]  # the loss alone
     return FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens)
