@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -616,11 +615,6 @@ class Data:
         self._ranges = {}
         return out, documents, ignored[:, 1:]
 
-    def ignored(self, split: str, start: int, count: int) -> np.ndarray | None:
-        """read()'s labels left out, or None where a split leaves none out whatever the tokens (a test's shortcut)."""
-        mask = self.read(split, start, count)[2]
-        return mask if mask.any() else None
-
     def _sources(self, split: str, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """For samples start .. start+count-1: the part each is read from and its number in that part's stream. The
         split's stream is cut into blocks of num_samples(split) samples; in each, every part has its share of them by
@@ -697,7 +691,3 @@ class Loader:
         self._reader.shutdown(wait=True)
         self._ahead = None
 
-
-if __name__ == "__main__":  # `python data.py prepare ...`, the command's earlier name, still works
-    import prepare
-    prepare.main(sys.argv[2:] if sys.argv[1:2] == ["prepare"] else sys.argv[1:])

@@ -588,6 +588,12 @@ def test_loader_follows_a_moved_position_and_checks_sizes(stream_data):
 # Loss-masking spans
 
 
+def labels_left_out(d: Data, split: str, start: int, count: int) -> np.ndarray | None:
+    """Data.read()'s labels left out, or None where it leaves none out."""
+    mask = d.read(split, start, count)[2]
+    return mask if mask.any() else None
+
+
 def docs_with_spans(rng, sizes: list[int], offset: int, vocab: int | None = None):
     """Documents whose tokens are their stream position plus offset (mod vocab, if given), and random spans [b, e)
     per document, some empty, some overlapping, some at a document's edges."""
@@ -619,7 +625,7 @@ def test_spans_become_ignored_labels_in_every_window(tmp_path):
     assert d.warnings == []
     for split in ("train", "validation"):
         n = d.num_samples(split)
-        tokens, ignored = d.samples(split, 0, 2 * n).numpy(), d.ignored(split, 0, 2 * n)
+        tokens, ignored = d.samples(split, 0, 2 * n).numpy(), labels_left_out(d, split, 0, 2 * n)
         # Label j of a window is its token j + 1: ignored exactly when that token lies in a span of its document.
         expected = np.isin(tokens[:, 1:], list(masked))
         assert ignored.shape == (2 * n, 16) and ignored.any() and not ignored.all()
@@ -627,19 +633,19 @@ def test_spans_become_ignored_labels_in_every_window(tmp_path):
     loader = Loader(d, "train", 0, 4, 2)
     pairs, tokens = loader.next_batch(), d.samples("train", 0, 4)
     loader.close()
-    labels = torch.where(torch.from_numpy(d.ignored("train", 0, 4)), data.IGNORE_INDEX, tokens[:, 1:])
+    labels = torch.where(torch.from_numpy(labels_left_out(d, "train", 0, 4)), data.IGNORE_INDEX, tokens[:, 1:])
     assert torch.equal(torch.cat([x for x, _, _ in pairs]), tokens[:, :-1])
     assert torch.equal(torch.cat([y for _, y, _ in pairs]), labels)
 
 
 def test_spans_unused_are_said_once_and_change_nothing(tmp_path):
     d, _ = spanned_data(tmp_path, use=False)
-    assert d.ignored("train", 0, 8) is None and len(d.warnings) == 1
+    assert labels_left_out(d, "train", 0, 8) is None and len(d.warnings) == 1
     assert "2 of the 2 datasets" in d.warnings[0] and "data.sampling.use_loss_masking_spans: true" in d.warnings[0]
     stream_dataset(tmp_path, [10, 20, 30], name="plain")
     path = write_json(tmp_path / "p.json", [{"prefix": "plain", "weight": 1}])
     d = Data(DataConfig(path=str(path), sampling=SamplingConfig(use_loss_masking_spans=True)), 4, 100, 0)
-    assert d.ignored("train", 0, 8) is None and "no dataset of" in d.warnings[0]
+    assert labels_left_out(d, "train", 0, 8) is None and "no dataset of" in d.warnings[0]
 
 
 @pytest.mark.parametrize("impl", ["torch", "fused"])
@@ -718,7 +724,7 @@ def test_step_loss_is_the_mean_over_labelled_tokens_however_the_batch_is_cut(tmp
     # By hand: the batch's labelled tokens, scored by the model as train.py initializes it.
     config = schema.load_config(str(tmp_path / "exp0.yaml"), ["data.sampling.use_loss_masking_spans=true"])
     d = Data(config.data, 32, 64)  # data.sampling.seed, as train.py reads it
-    tokens, ignored = d.samples("train", 0, 4), torch.from_numpy(d.ignored("train", 0, 4))
+    tokens, ignored = d.samples("train", 0, 4), torch.from_numpy(labels_left_out(d, "train", 0, 4))
     assert 0 < ignored.sum() and len(set(ignored.sum(1).tolist())) > 1  # micro-batches of unequal labelled tokens
     torch.manual_seed(config.model.distributed.seed)
     with torch.device("meta"):

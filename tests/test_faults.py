@@ -358,11 +358,11 @@ sys.exit(train.main(sys.argv[1:]))
 # Signals and kill -9, on real processes
 
 
-def start(config: Path, *overrides: str, command=("train.py",)) -> subprocess.Popen:
+def start(config: Path, *overrides: str, command=("train.py",), **popen) -> subprocess.Popen:
     """train.py (or `command`) in a session of its own, so that finish() can end it and its children."""
     return subprocess.Popen([sys.executable, *command, str(config), *overrides], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            start_new_session=True)
+                            start_new_session=True, **popen)
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import checkpoint
 import export
 import train
-from test_faults import KEYS, assert_same_run, finish, flip_64_bytes
+from test_faults import KEYS, assert_same_run, finish, flip_64_bytes, start
 from test_train import ROOT, metrics, setup  # noqa: F401 (setup is a fixture)
 
 
@@ -210,6 +210,15 @@ def test_a_full_disk_during_a_training_export_stops_both_ranks_in_one_line(setup
     assert errors[0].startswith("error: could not write the export of step 2: [Errno 27] File too large: ")
     assert str(exp / "export" / "llama" / ".2.partial") in errors[0] and errors[0].count("\n") == 1
     assert errors[1] == "" and not (exp / "export" / "llama" / ".2.partial").exists()
+
+
+@pytest.mark.parametrize("limit, file", [(1000, "config.yaml"), (2500, "metrics.jsonl")])
+def test_a_full_disk_names_the_file_it_could_not_write(setup, limit, file):
+    config, exp = setup
+    process = start(config, "training.checkpoint.interval=null", preexec_fn=lambda: file_size_limit(limit))
+    _, err = finish(process)
+    assert process.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error (rank 0): File too large ({exp / file}). ")
 
 
 def test_replacing_an_export_keeps_a_whole_one_under_some_name_at_every_moment(tmp_path, monkeypatch):
