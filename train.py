@@ -294,9 +294,10 @@ class Trainer:
         context, tokenizer = export.context_length(m, self.config.batch.sequence_length), self.data.tokenizer_path
         if self.rank == 0:
             try:  # overwrite: a run that crashed after an export but before its checkpoint writes it again.
-                out = export.export_llama(cpu_state_dict(self.model), m, self.exp / "export" / "llama" / str(step),
-                                          max_position_embeddings=context, tokenizer_path=tokenizer, overwrite=True)
-                self.log(f"step {step} | exported to {out}")
+                folder = self.exp / "export" / "llama" / str(step)
+                export.export_llama(cpu_state_dict(self.model), m, folder, max_position_embeddings=context,
+                                    tokenizer_path=tokenizer, overwrite=True)
+                self.log(f"step {step} | exported to {folder}")
             except OSError as e:
                 error = e
         agree(error, f"the export of step {step}")
