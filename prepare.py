@@ -273,7 +273,7 @@ def prepare(args: argparse.Namespace):
         if args.tokenizer:  # the user's file as it is, byte for byte
             shutil.copyfile(args.tokenizer, staging / "tokenizer.json")
         else:
-            tokenizer.save(str(staging / "tokenizer.json"))
+            (staging / "tokenizer.json").write_text(tokenizer.to_str(pretty=True))  # save()'s text; OSError if full
         with tqdm(unit=" docs", desc="prepare", disable=None) as bar:  # shown on a terminal only
             docs = _progress(tokenize(read(), tokenizer, bos, eos, args.workers), bar, start)
             while (first := next(docs, None)) is not None:

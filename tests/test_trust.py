@@ -221,6 +221,16 @@ def test_a_full_disk_names_the_file_it_could_not_write(setup, limit, file):
     assert err.startswith(f"error (rank 0): File too large ({exp / file}). ")
 
 
+@pytest.mark.parametrize("limit", [200_000, 3_000_000])  # the tokenizer.json, a shard
+@pytest.mark.parametrize("form", ["megatron", "fast_llm"])
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, limit, form):
+    result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--demo", "--format", form, "--output",
+                             str(tmp_path / "out")], capture_output=True, text=True,
+                            preexec_fn=lambda: file_size_limit(limit))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "File too large; nothing of the dataset was kept" in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_replacing_an_export_keeps_a_whole_one_under_some_name_at_every_moment(tmp_path, monkeypatch):
     from test_export import our_model, tiny_config
 
