@@ -394,8 +394,11 @@ def unflatten(flat: dict) -> dict:
     for path, value in flat.items():
         *parents, leaf = path.split(".")
         node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
+        for i, part in enumerate(parents):
+            if node.get(part) is None:  # absent, or null: an empty section
+                node[part] = {}
+            if not isinstance(node := node[part], dict):
+                raise ConfigError(f"`{'.'.join(parents[: i + 1])}` must be a mapping of keys, got {node!r}")
         node[leaf] = value
     return tree
 

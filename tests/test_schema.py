@@ -295,6 +295,13 @@ def test_one_of_two_keys_that_are_one_setting_here_is_refused(tmp_path):
         load_config(write(tmp_path, raw), ["model.base_model.decoder.block.normalization.epsilon=1e-6"])
 
 
+def test_a_null_section_under_newer_keys_is_an_empty_one_and_a_scalar_is_refused(tmp_path):
+    """The newer schema's data.micro_batch_size lands in batch: `batch: null` reads as no batch keys."""
+    assert load_config(write(tmp_path, newer(batch=None)), [], 8).batch == load_config(str(NEWER), [], 8).batch
+    with pytest.raises(ConfigError, match="`batch` must be a mapping of keys, got 5"):
+        load_config(write(tmp_path, newer(batch=5)), [], 8)
+
+
 def test_a_refusal_exits_2_with_one_paragraph_and_writes_nothing(tmp_path):
     out = dry_run(NEWER, f"run.experiment_dir={tmp_path / 'exp'}", "model.distributed.tensor_parallel=2",
                   "model.base_model.decoder.block.mixer.dropout=0.1", "data.truncate_documents=false")
