@@ -4,6 +4,8 @@
                                                        Trainer: bf16, float8 (e5m2 gradients), float8 with e4m3
                                                        gradients, all from the same init and batches; then bf16 from
                                                        another seed (init and data order): run-to-run noise
+    python bench/float8.py profile                     one block at the seed's shapes, forward + backward, by kernel:
+                                                       bf16, then float8 (issue 21)
     python bench/float8.py speed                       the 1-GPU proxy (8B shapes, 4 layers, 16 x 4096 tokens a step,
                                                        micro-batch 4, no recomputation), bf16 and float8, by the step
                                                        of bench/activations.py (train.py's: ZeroAdamW, world size 1);
@@ -172,6 +174,32 @@ def parts():
         del a, b, a8, b8
 
 
+def profile_block(iterations: int = 5):
+    """Issue 21's first step: one block at the seed's shapes (4 x 4096 tokens), forward and backward, by kernel,
+    bf16 then float8, GPU time averaged over `iterations` (after 3 to warm up)."""
+    for float8 in (False, True):
+        activations.free_memory()
+        net = build(1, float8)
+        b, cos, sin = net.layers[0], net.cos, net.sin
+        x = torch.randn(4, 4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+        for _ in range(3):
+            b(x, cos, sin).backward(dy)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(iterations):
+                b(x, cos, sin).backward(dy)
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in events) / iterations / 1000
+        print(f"\n## One block, {'float8' if float8 else 'bf16'}, forward + backward: {total:.2f} ms of GPU time "
+              f"({torch.cuda.get_device_name()})\n\n| kernel | calls a pass | ms a pass | share |\n|---|---|---|---|")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
+            ms = e.self_device_time_total / iterations / 1000
+            print(f"| `{e.key[:100]}` | {e.count / iterations:g} | {ms:.3f} | {ms / total:.1%} |")
+        del net, x, dy
+
+
 def speed():
     proxy()
     block()
@@ -186,6 +214,8 @@ if __name__ == "__main__":
         converge(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 400)
     elif what == "speed":
         speed()
+    elif what == "profile":
+        profile_block()
     else:
         print(__doc__)
         sys.exit(2)
