@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 EXECUTION_ONLY = ("cross_entropy_impl", "recompute_layers")  # model keys a resumed run may change
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
@@ -292,11 +292,11 @@ def rotate(exp: Path, keep: int, resumed: Path | None = None) -> None:
 def load_checkpoint(checkpoint: Path, optimizer, state: TrainerState, rank: int, world: int) -> None:
     """Set the optimizer (and through it the weights) from the shards the manifest vouches for, and this rank's
     random state if the run continues on as many ranks."""
-    shards = [safe_open(checkpoint / shard_name(r, state.world_size), framework="pt", device="cpu")
-              for r in range(state.world_size)]
     try:
+        shards = [safe_open(checkpoint / shard_name(r, state.world_size), framework="pt", device="cpu")
+                  for r in range(state.world_size)]
         optimizer.load_sharded_state(shards)
-    except ValueError as e:  # a foreign optimizer shard
+    except (ValueError, SafetensorError) as e:  # a foreign optimizer shard, or one its writer garbled
         raise CheckpointError(f"{checkpoint}: {e}") from None
     if world == state.world_size:  # the same ranks continue with their own random streams
         own = shards[rank]
@@ -411,6 +411,8 @@ def experiment_dir_problem(exp: Path) -> str | None:
         return f"run.experiment_dir {exp}: {existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"run.experiment_dir {exp}: {existing} is not writable (a read-only file system, or permissions)"
+    if files := [str(exp / name) for name in ("checkpoints", "export", "cache") if (exp / name).is_file()]:
+        return f"run.experiment_dir {exp}: {', '.join(files)} must be a folder, not a file; move it away"
     if (exp / "config.yaml").exists() and not (exp / "metrics.jsonl").exists():
         return (f"run.experiment_dir {exp} holds a config.yaml that no run of this project wrote (there is no "
                 "metrics.jsonl beside it): a run writes its resolved config there; move yours, or use another folder")

@@ -516,7 +516,8 @@ class Data:
             self.warnings.append(f"data.sampling.use_loss_masking_spans: no dataset of {path} has loss-masking "
                                  f"spans; every token is trained on.")
         self._parts: dict[str, list[_Part]] = {s: [] for s in SPLITS}
-        total = sum(weight for _, weight in datasets)
+        if (total := sum(weight for _, weight in datasets)) == float("inf"):
+            raise DataError(f"data.path: the weights of {path}'s blend add up past a float's range; scale them down.")
         self.blend = [[d.name, int(d.num_tokens), round(weight / total, 6)] for d, weight in datasets]
         self._empty: dict[str, list[str]] = {s: [] for s in SPLITS}  # datasets with no document in a split
         for d, (dataset, weight) in enumerate(datasets):

@@ -104,6 +104,8 @@ def base_model_dict_from_hf(path) -> dict:
     required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
     if missing := [k for k in required if k not in hf]:
         raise ExportError(f"{file}: missing {', '.join(missing)}.")
+    if bad := [f"{k} {hf[k]!r}" for k in required if type(hf[k]) is not int or not 0 < hf[k] < 2**63]:
+        raise ExportError(f"{file}: {', '.join(bad)}; each must be a positive whole number.")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     activation = {v: k for k, v in HF_ACTIVATIONS.items()}.get(hf.get("hidden_act", "silu"))
@@ -306,13 +308,21 @@ def load_llama_weights(model: Llama, path) -> None:
 def export_checkpoint(checkpoint, output_dir, tokenizer_path=None, **kwargs) -> Path:
     """Export a checkpoint folder, or an experiment folder's newest checkpoint. Without `tokenizer_path`,
     the tokenizer.json beside the dataset the checkpoint was trained on goes in, when there is one."""
-    checkpoint, weights = Path(checkpoint), {}
+    checkpoint, weights, out = Path(checkpoint), {}, Path(output_dir).resolve()
+    experiment = (checkpoint / "checkpoints").is_dir()  # else a checkpoint folder
+    kept = checkpoint.resolve() / "checkpoints" if experiment else checkpoint.resolve()  # rotation deletes in there
+    if checkpoint.resolve().is_relative_to(out) or out.is_relative_to(kept):
+        raise ExportError(f"{output_dir}: holds or lies inside {checkpoint}, which an export there would overwrite "
+                          "or checkpoint rotation delete; export elsewhere.")
 
     def load(checkpoint: Path, state) -> str | None:  # its weights, if they are finite
         weights.clear()
-        weights.update(load_file(checkpoint / "model.safetensors"))
+        try:
+            weights.update(load_file(checkpoint / "model.safetensors"))
+        except SafetensorError as e:
+            return f"{checkpoint / 'model.safetensors'} is not a readable safetensors file ({e})"
         return None if all(t.isfinite().all() for t in weights.values()) else "its weights hold NaN or infinity"
-    if (checkpoint / "checkpoints").is_dir():  # an experiment folder: its newest usable checkpoint, as a resume takes
+    if experiment:  # an experiment folder: its newest usable checkpoint, as a resume takes
         if (found := choose_checkpoint(checkpoint, 0, 1, load)[0]) is None:
             raise ExportError(f"{checkpoint}: an experiment folder without a complete checkpoint yet.")
         checkpoint = found

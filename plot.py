@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         return 2
     try:
         out = plot(args.experiment_dir, args.output or args.experiment_dir / "metrics.png")
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a line of values that are not numbers
         print(f"error: {args.experiment_dir}: can't plot its metrics.jsonl ({e})", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -275,7 +275,8 @@ def prepare(args: argparse.Namespace):
         else:
             (staging / "tokenizer.json").write_text(tokenizer.to_str(pretty=True))  # save()'s text; OSError if full
         with tqdm(unit=" docs", desc="prepare", disable=None) as bar:  # shown on a terminal only
-            docs = _progress(tokenize(read(), tokenizer, bos, eos, args.workers), bar, start)
+            workers = min(args.workers, os.cpu_count() or 1)  # more would only contend for the cores
+            docs = _progress(tokenize(read(), tokenizer, bos, eos, workers), bar, start)
             while (first := next(docs, None)) is not None:
                 name = f"shard_{len(shards)}" + ".fast_llm_dataset" * fast_llm
                 write = write_fast_llm_file if fast_llm else write_dataset
@@ -329,7 +330,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--eos-token", default="<|end_of_text|>", help="the EOS token's name (default: Llama 3's)")
     p.add_argument("--shard-tokens", type=int, default=10**9,
                    help="start a new shard after this many tokens; default: %(default)s")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes; default: all cores")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="tokenizing processes, at most one a core; default: all cores")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     args = p.parse_args(argv)
     try:

@@ -194,6 +194,8 @@ def convert(kind, value, path: str, errors: list[tuple[str, str]]):
         raise ConfigError(f"`{path}` must be {kind.__name__}, got {value!r} ({type(value).__name__})")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"`{path}` must be a finite number, got {value}")
+    if kind is int and not -2**63 <= value < 2**63:
+        raise ConfigError(f"`{path}` must fit in 64 bits, got {value}")
     return value
 
 
@@ -208,8 +210,9 @@ def load_config(path: str, overrides: list[str], world_size: int = 1) -> Config:
     model.base_model keys, build and validate the Config for `world_size` ranks; one ConfigError lists all problems."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (FileNotFoundError, IsADirectoryError):
-        raise ConfigError(f"config file {path} does not exist")
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+        why = {FileNotFoundError: "does not exist", IsADirectoryError: "is a folder"}.get(type(e), "is not UTF-8")
+        raise ConfigError(f"config file {path} {why}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML{yaml_problem(e)}") from None
     if not isinstance(raw, dict):

@@ -284,10 +284,10 @@ class Trainer:
             with contextlib.closing(self.loader("test")) as test:
                 loss = evaluate(self.model, test, t.test_iters, self.world, self.device)
             self.log(f"step {step} | test loss {loss:.4f}", step=step, test_loss=loss)
+        if due(t.checkpoint.interval, step, last) or self.stopping:  # first: an export that fails loses no step
+            self.write_checkpoint()
         if due(t.export.interval, step, last):
             self.write_export()
-        if due(t.checkpoint.interval, step, last) or self.stopping:
-            self.write_checkpoint()
 
     def write_export(self) -> None:
         error, step, m = None, self.state.step, self.config.model.base_model

@@ -2,6 +2,7 @@
 counts toward `keep`, nothing is loaded that the manifest does not vouch for, exports take only usable weights,
 and every write that fails is one line naming the file, with nothing half-written left behind."""
 import json
+import os
 import re
 import resource
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import checkpoint
@@ -289,3 +291,96 @@ def test_a_loss_masking_span_outside_its_document_is_refused_naming_both(tmp_pat
         open_it = lambda: FileDataset(where)  # noqa: E731
     with pytest.raises(DataError, match=re.escape(f"{where}: document 2 has a loss-masking span [{span[0]}, ")):
         open_it()
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by fault injection: inputs that lost work or ended in a traceback
+
+
+@pytest.mark.parametrize("source, output", [("12", "12"), ("exp", "exp"), ("12", "exp"), ("12", "12/hf"),
+                                            ("exp", "exp/checkpoints/hf")])
+def test_an_export_never_lands_on_or_inside_what_it_exports(setup, source, output):
+    config, exp = setup
+    assert train.main([str(config)]) == 0
+    where = {"12": exp / "checkpoints" / "12", "exp": exp}
+    before = sorted(p.relative_to(exp) for p in exp.rglob("*"))
+    result = run_export(where[source], where[output.split("/")[0]].joinpath(*output.split("/")[1:]), "--overwrite")
+    assert result.returncode == 2 and "holds or lies inside" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(p.relative_to(exp) for p in exp.rglob("*")) == before
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "export", "cache"])
+def test_a_file_where_the_run_keeps_a_folder_is_refused_before_anything_is_written(setup, capsys, name):
+    config, exp = setup
+    assert train.main([str(config), "training.train_iters=3"]) == 0
+    lines = (exp / "metrics.jsonl").read_text()
+    checkpoint.remove(exp / name)
+    (exp / name).write_text("not a folder")
+    assert train.main([str(config)]) == 2
+    assert f"{exp / name} must be a folder, not a file" in capsys.readouterr().err
+    assert (exp / "metrics.jsonl").read_text() == lines
+
+
+def test_an_export_that_fails_at_a_checkpoint_step_keeps_the_checkpoint(setup, monkeypatch, capsys):
+    config, exp = setup
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", "somewhere")
+
+    monkeypatch.setattr(export, "export_llama", full)
+    assert train.main([str(config), "training.export.interval=6"]) == 2
+    assert "could not write the export of step 6" in capsys.readouterr().err
+    assert checkpoint.checkpoint_steps(exp) == [6, 3]  # step 6's training is kept; export.py can export it
+
+
+def test_config_values_past_64_bits_or_not_utf8_are_one_line(tmp_path, capsys):
+    from schema import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="`batch.sequence_length` must fit in 64 bits"):
+        load_config(str(ROOT / "config" / "tiny.yaml"), ["batch.sequence_length=100000000000000000000"])
+    (tmp_path / "latin1.yaml").write_bytes("training: {train_iters: 10}  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml is not UTF-8"):
+        load_config(str(tmp_path / "latin1.yaml"), [])
+
+
+def test_blend_weights_that_overflow_and_a_bad_pretrained_config_are_refused(setup, tmp_path):
+    from data import Data, DataConfig, DataError
+
+    config, exp = setup
+    data = yaml.safe_load(config.read_text())["data"]["path"]
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"datasets": [{"prefix": str(Path(data).parent / "hand"), "weight": 1e308}] * 2}))
+    with pytest.raises(DataError, match="add up past a float's range"):
+        Data(DataConfig(path=str(blend)), 32, 64)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 64, "hidden_size": "x",
+                                                "intermediate_size": 64, "num_hidden_layers": 2,
+                                                "num_attention_heads": 0}))
+    with pytest.raises(export.ExportError, match="hidden_size 'x', num_attention_heads 0; each must be a positive"):
+        export.base_model_dict_from_hf(hf)
+
+
+def test_a_garbled_shard_or_model_file_that_the_manifest_vouches_for_is_one_line(setup, tmp_path, capsys):
+    """Written so by a faulty writer (hashes made after the damage): the resume stops, the export refuses."""
+    config, exp = setup
+    assert train.main([str(config)]) == 0
+    newest = exp / "checkpoints" / "12"
+    for name in (SHARD, "model.safetensors"):
+        manifest = json.loads((newest / "manifest.json").read_text())
+        manifest[name] = checkpoint.write_file(newest / name, [os.urandom(4096)])
+        (newest / "manifest.json").write_text(json.dumps(manifest))
+    result = run_export(newest, tmp_path / "hf")
+    assert result.returncode == 2 and "is not a readable safetensors file" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert train.main([str(config), "training.train_iters=14"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {newest}: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_prepare_takes_no_more_workers_than_cores(tmp_path):
+    (tmp_path / "a.txt").write_text("some text to tokenize, " * 50)
+    result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--input", str(tmp_path / "a.txt"),
+                             "--vocab-size", "300", "--workers", "100000", "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and (tmp_path / "out" / "fast_llm_dataset.json").is_file(), result.stderr
