@@ -64,7 +64,12 @@ def read_state(checkpoint: Path) -> TrainerState:
     interval = saved.pop("interval", {})
     if isinstance(interval, list):  # [the loss sum, finite steps, steps, seconds]
         interval = dict(losses=interval[:1], finite_steps=interval[1], steps=interval[2], seconds=interval[3])
-    return TrainerState(**saved, interval=Interval(**interval))
+    state = TrainerState(**saved, interval=Interval(**interval))
+    counts = [state.step, state.sequence_length - 1, state.world_size - 1, *state.consumed.values()]
+    if not all(type(n) is int and n >= 0 for n in counts):  # a writer's fault: nothing to resume from
+        raise ValueError(f"{checkpoint / 'trainer.json'} holds impossible values (step {state.step!r}, sequence "
+                         f"length {state.sequence_length!r}, {state.world_size!r} ranks, consumed {state.consumed!r})")
+    return state
 
 
 def due(interval: int | None, step: int, last: bool) -> bool:

@@ -50,7 +50,7 @@ class Trainer:
 
     def __init__(self, config: Config, rank: int, world: int, device: torch.device):
         self.config, self.rank, self.world, self.device = config, rank, world, device
-        t, b, m, d = config.training, config.batch, config.model.base_model, config.model.distributed
+        b, m, d = config.batch, config.model.base_model, config.model.distributed
         self.exp = Path(config.run.experiment_dir)
         fused = m.cross_entropy_impl == "fused"
         if problem := experiment_dir_problem(self.exp) or fused and fused_cross_entropy_problem(device):
@@ -85,24 +85,9 @@ class Trainer:
             if not all_finite(self.model):
                 raise ConfigError(f"the starting weights hold NaN or infinite values; they come from {source}")
 
-        # The samples each split's reader takes over the whole run (data.sampling.shuffle: full shuffles over them).
-        passes = t.train_iters // t.validation.interval + 1 if t.validation.interval else 0
-        horizon = {"train": t.train_iters, "validation": passes * (t.validation.iterations or 0), "test": t.test_iters}
-        horizon = {split: steps * b.batch_size for split, steps in horizon.items()}
-        self.data = Data(config.data, b.sequence_length, m.vocab_size, cache_dir=self.exp / "cache", horizon=horizon)
-        self.sources = {s: (self.data, s) for s in ("train", "validation", "test")}  # each split's Data and name
+        self.sources = data_sources(config)  # each split's Data and its name there
+        self.data = self.sources["train"][0]
         self.resumed_blend, self.state.blend = self.state.blend, self.data.blend  # the checkpoint's, and ours
-        if t.validation.path is not None:  # a dataset of its own, read whole: the train split of a [1, 0, 0] split
-            own = dataclasses.replace(config.data, format="file", path=t.validation.path, split=[1, 0, 0])
-            try:
-                self.sources["validation"] = (Data(own, b.sequence_length, m.vocab_size, cache_dir=self.exp / "cache",
-                                                   horizon={"train": horizon["validation"]}), "train")
-            except DataError as e:
-                raise DataError(f"training.validation.path {own.path} (the validation dataset): {e}") from None
-        for split, wanted, key in (("validation", t.validation.interval is not None, "training.validation is on"),
-                                   ("test", t.test_iters > 0, f"training.test_iters is {t.test_iters}")):
-            if wanted and self.sources[split][0].num_samples(self.sources[split][1]) == 0:
-                raise DataError(f"{key} but the {split} split of data.split {config.data.split} holds no sample")
 
         self.model.recompute_layers = recompute_layers(config, device)  # the one place that sets it
         self.accumulation = b.batch_size // (b.micro_batch_size * world)  # micro-batches per step on each rank
@@ -524,6 +509,29 @@ examples:
   torchrun --nproc_per_node=8 train.py config/llama3_8b.yaml data.path=data/mine/fast_llm_dataset.json"""
 
 
+def data_sources(config: Config) -> dict[str, tuple[Data, str]]:
+    """Each split's Data and its name there, checked: the training data, and training.validation.path's if set."""
+    t, b, m, exp = config.training, config.batch, config.model.base_model, Path(config.run.experiment_dir)
+    # The samples each split's reader takes over the whole run (data.sampling.shuffle: full shuffles over them).
+    passes = t.train_iters // t.validation.interval + 1 if t.validation.interval else 0
+    horizon = {"train": t.train_iters, "validation": passes * (t.validation.iterations or 0), "test": t.test_iters}
+    horizon = {split: steps * b.batch_size for split, steps in horizon.items()}
+    data = Data(config.data, b.sequence_length, m.vocab_size, cache_dir=exp / "cache", horizon=horizon)
+    sources = {s: (data, s) for s in ("train", "validation", "test")}
+    if t.validation.path is not None:  # a dataset of its own, read whole: the train split of a [1, 0, 0] split
+        own = dataclasses.replace(config.data, format="file", path=t.validation.path, split=[1, 0, 0])
+        try:
+            sources["validation"] = (Data(own, b.sequence_length, m.vocab_size, cache_dir=exp / "cache",
+                                          horizon={"train": horizon["validation"]}), "train")
+        except DataError as e:
+            raise DataError(f"training.validation.path {own.path} (the validation dataset): {e}") from None
+    for split, wanted, key in (("validation", t.validation.interval is not None, "training.validation is on"),
+                               ("test", t.test_iters > 0, f"training.test_iters is {t.test_iters}")):
+        if wanted and sources[split][0].num_samples(sources[split][1]) == 0:
+            raise DataError(f"{key} but the {split} split of data.split {config.data.split} holds no sample")
+    return sources
+
+
 def dry_run(config: Config, rank: int, world: int) -> None:
     with torch.device("meta"):
         model = Llama(config.model.base_model, config.batch.sequence_length)
@@ -533,10 +541,10 @@ def dry_run(config: Config, rank: int, world: int) -> None:
     if problem := experiment_dir_problem(exp):
         raise ConfigError(problem)
     choose_checkpoint(exp, rank, world, lambda checkpoint, state: check_checkpoint(checkpoint, state, config))
-    b, d, m = config.batch, config.data, config.model
+    b, d = config.batch, config.data
     # The data, if here (a login node may not see it): files, splits, tokens; reads an old run's cache, writes none.
     if checked := d.format == "random" or Path(d.path).is_file():
-        Data(d, b.sequence_length, m.base_model.vocab_size, cache_dir=exp / "cache")
+        data_sources(config)
     if rank == 0:
         print(f"parameters: {count_parameters(model)}\ntokens per step: {b.batch_size * b.sequence_length}\n"
               f"accumulation steps: {b.batch_size // (b.micro_batch_size * world)}"

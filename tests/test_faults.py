@@ -165,7 +165,7 @@ def test_rotation_keeps_the_newest_finite_checkpoint(tmp_path):
     for step, finite in ((3, True), (6, True), (9, False), (12, False)):
         folder = tmp_path / "checkpoints" / str(step)
         folder.mkdir(parents=True)
-        (folder / "trainer.json").write_text(json.dumps({"weights_finite": finite}))
+        (folder / "trainer.json").write_text(json.dumps({"weights_finite": finite, "sequence_length": 32}))
     checkpoint.rotate(tmp_path, keep=2)
     assert checkpoint.checkpoint_steps(tmp_path) == [12, 9, 6]
     checkpoint.rotate(tmp_path, keep=1)

@@ -131,7 +131,7 @@ def test_rotation_unlinks_a_symlinked_checkpoint_and_leaves_its_target(tmp_path)
     for step in (3, 6, 9):
         folder = tmp_path / ("elsewhere" if step == 3 else "checkpoints") / str(step)
         folder.mkdir(parents=True)
-        (folder / "trainer.json").write_text(json.dumps({"weights_finite": True}))
+        (folder / "trainer.json").write_text(json.dumps({"weights_finite": True, "sequence_length": 32}))
     (tmp_path / "checkpoints" / "3").symlink_to(tmp_path / "elsewhere" / "3")
     checkpoint.rotate(tmp_path, keep=2)
     assert checkpoint.checkpoint_steps(tmp_path) == [9, 6] and (tmp_path / "elsewhere" / "3" / "trainer.json").exists()
@@ -384,3 +384,31 @@ def test_prepare_takes_no_more_workers_than_cores(tmp_path):
                              "--vocab-size", "300", "--workers", "100000", "--output", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and (tmp_path / "out" / "fast_llm_dataset.json").is_file(), result.stderr
+
+
+@pytest.mark.parametrize("field, value", [("step", "abc"), ("step", -4), ("consumed", {"train": "x"}),
+                                          ("world_size", 0), ("sequence_length", None)])
+def test_a_trainer_state_of_impossible_values_is_damage_and_falls_back(setup, capsys, field, value):
+    config, exp = setup
+    expected = run_to_12_keeping_all(config, exp)
+    newest = exp / "checkpoints" / "12"
+    state = json.loads((newest / "trainer.json").read_text())
+    if value is None:
+        del state[field]
+    else:
+        state[field] = value
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["trainer.json"] = checkpoint.write_file(newest / "trainer.json", [json.dumps(state).encode()])
+    (newest / "manifest.json").write_text(json.dumps(manifest))  # vouched for: a writer's fault, not a flipped bit
+    logged_until(exp, 9)
+    assert train.main([str(config)]) == 0
+    assert f"{newest / 'trainer.json'} holds impossible values" in capsys.readouterr().err
+    assert_same_run(exp, expected)
+
+
+def test_dry_run_finds_an_empty_split_that_the_run_reads(setup, capsys):
+    config, exp = setup
+    assert train.main([str(config), "--dry-run", "data.split=[1,0,0]", "training.validation.interval=null"]) == 2
+    assert "training.test_iters is 1 but the test split of data.split [1.0, 0.0, 0.0] holds no sample" in \
+        capsys.readouterr().err
+    assert not exp.exists()
