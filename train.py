@@ -573,6 +573,8 @@ def main(argv: list[str]) -> int:
                         help="override any key by its dotted path; the value is read as YAML (data.split=[98,1,1])")
     parser.add_argument("--dry-run", action="store_true", help="check the config (and a pretrained folder's shapes), "
                         "print the parameter count, the tokens per step and the accumulation steps, write nothing")
+    if all(a.startswith("-") for a in argv) and not {"-h", "--help"} & set(argv):  # argparse would ask for both
+        parser.error("the following argument is required: CONFIG.yaml")
     args = parser.parse_intermixed_args(argv)
     if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # set while the imports ran
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -412,3 +412,10 @@ def test_dry_run_finds_an_empty_split_that_the_run_reads(setup, capsys):
     assert "training.test_iters is 1 but the test split of data.split [1.0, 0.0, 0.0] holds no sample" in \
         capsys.readouterr().err
     assert not exp.exists()
+
+
+def test_no_config_file_asks_for_the_config_file_only(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dry-run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "required: CONFIG.yaml\n" in err and "section.key=value\n" not in err.splitlines()[-1]
