@@ -117,6 +117,15 @@ def proxy():
     print(f"\nfloat8 / bf16: {results[True] / results[False]:.3f}")
 
 
+def one_block(float8: bool):
+    """A 1-layer model at the 8B shapes, an input of 4 x 4096 tokens for its block and a gradient for the block's
+    output (random, on the GPU), in memory freed of what came before."""
+    activations.free_memory()
+    net = build(1, float8)
+    x = torch.randn(4, 4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    return net, x, torch.randn_like(x)
+
+
 def block():
     """One block at the 8B shapes, 4 x 4096 tokens: forward, forward + backward, what it keeps, backward's peak."""
     t, tokens = activations.seed_model_config(1).transformer, 4 * 4096
@@ -127,11 +136,8 @@ def block():
     print("| matmuls | forward ms | forward + backward ms | kept (allocator) | backward's extra peak |")
     print("|---|---|---|---|---|")
     for float8 in (False, True):
-        activations.free_memory()
-        net = build(1, float8)
+        net, x, dy = one_block(float8)
         b, cos, sin = net.layers[0], net.cos, net.sin
-        x = torch.randn(4, 4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        dy = torch.randn_like(x)
         base = torch.cuda.memory_allocated()
         y = b(x, cos, sin)
         kept = torch.cuda.memory_allocated() - base - y.numel() * 2
@@ -178,11 +184,8 @@ def profile_block(iterations: int = 5):
     """Issue 21's first step: one block at the seed's shapes (4 x 4096 tokens), forward and backward, by kernel,
     bf16 then float8, GPU time averaged over `iterations` (after 3 to warm up)."""
     for float8 in (False, True):
-        activations.free_memory()
-        net = build(1, float8)
+        net, x, dy = one_block(float8)
         b, cos, sin = net.layers[0], net.cos, net.sin
-        x = torch.randn(4, 4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        dy = torch.randn_like(x)
         for _ in range(3):
             b(x, cos, sin).backward(dy)
         torch.cuda.synchronize()
